@@ -1,0 +1,145 @@
+"""DDPM++-style U-Net F(x, c_noise, class) with the sCM changes (Lu & Song 2025, Sec. 4.1).
+
+Changes from DDPM++ (Song et al. 2021): identity c_noise(t) = t fed to a positional embedding,
+adaptive double normalisation instead of AdaGN, affine-free group norm. Resampling is 2x2 average
+pooling / nearest upsampling. Attention blocks will slot in after residual blocks at
+`attn_resolutions` (see `ResBlock.attn`); none are built yet.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from scm_graph.nets import layers
+from scm_graph.nets.layers import AdaptiveDoubleNorm, KeyedDropout, PositionalEmbedding, group_norm
+
+
+class ResBlock(nn.Module):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_channels: int,
+        *,
+        resample: str = "none",
+        dropout: float = 0.0,
+        groups: int = 32,
+        salt: int = 0,
+    ):
+        super().__init__()
+        self.resample = resample
+        self.groups0 = layers.norm_groups(in_channels, groups)
+        self.conv0 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm1 = AdaptiveDoubleNorm(out_channels, emb_channels, groups)
+        self.dropout = KeyedDropout(dropout, salt)
+        self.conv1 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = None
+        if in_channels != out_channels:
+            self.skip = nn.Conv2d(in_channels, out_channels, 1)
+        # Seam for issue 3: an attention block applied to this block's output at chosen resolutions.
+        self.attn: nn.Module | None = None
+
+    def _resample(self, x: Tensor) -> Tensor:
+        if self.resample == "down":
+            return F.avg_pool2d(x, 2)
+        if self.resample == "up":
+            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return x
+
+    def forward(self, x: Tensor, emb: Tensor, key: Tensor | None) -> Tensor:
+        h = self._resample(F.silu(group_norm(x, self.groups0)))
+        h = self.conv0(h)
+        h = F.silu(self.norm1(h, emb))
+        h = self.conv1(self.dropout(h, key))
+        x = self._resample(x)
+        if self.skip is not None:
+            x = self.skip(x)
+        out = (h + x) * (1.0 / math.sqrt(2.0))  # DDPM++ skip scale
+        if self.attn is not None:
+            out = self.attn(out, emb)
+        return out
+
+
+class UNet(nn.Module):
+    """F(x, c_noise, class_labels): [B, C, H, W] -> [B, C, H, W]."""
+
+    def __init__(
+        self,
+        img_resolution: int,
+        img_channels: int,
+        *,
+        channels: int = 128,
+        channel_mult: tuple[int, ...] = (2, 2, 2),
+        num_blocks: int = 4,
+        dropout: float = 0.0,
+        emb_mult: int = 4,
+        num_classes: int = 0,
+        norm_groups: int = 32,
+    ):
+        super().__init__()
+        if img_resolution % (2 ** (len(channel_mult) - 1)):
+            raise ValueError(f"resolution {img_resolution} not divisible by 2^{len(channel_mult) - 1}")
+        emb_ch = channels * emb_mult
+        self.num_classes = num_classes
+        self.map_noise = PositionalEmbedding(channels)
+        self.map_label = nn.Linear(num_classes, channels, bias=False) if num_classes else None
+        self.map0 = nn.Linear(channels, emb_ch)
+        self.map1 = nn.Linear(emb_ch, emb_ch)
+
+        salt = iter(range(1, 1 << 20))
+        blk = dict(emb_channels=emb_ch, dropout=dropout, groups=norm_groups)
+        self.conv_in = nn.Conv2d(img_channels, channels * channel_mult[0], 3, padding=1)
+        self.enc = nn.ModuleList()
+        skips = [channels * channel_mult[0]]
+        cout = skips[0]
+        for level, mult in enumerate(channel_mult):
+            if level > 0:
+                self.enc.append(ResBlock(cout, cout, resample="down", salt=next(salt), **blk))
+                skips.append(cout)
+            for _ in range(num_blocks):
+                cin, cout = cout, channels * mult
+                self.enc.append(ResBlock(cin, cout, salt=next(salt), **blk))
+                skips.append(cout)
+        self.mid = nn.ModuleList([ResBlock(cout, cout, salt=next(salt), **blk) for _ in range(2)])
+        self.dec = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for _ in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), channels * mult
+                self.dec.append(ResBlock(cin, cout, salt=next(salt), **blk))
+            if level > 0:
+                self.dec.append(ResBlock(cout, cout, resample="up", salt=next(salt), **blk))
+        self.out_groups = layers.norm_groups(cout, norm_groups)
+        self.conv_out = nn.Conv2d(cout, img_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(
+        self,
+        x: Tensor,
+        c_noise: Tensor,
+        class_labels: Tensor | None = None,
+        dropout_key: Tensor | None = None,
+    ) -> Tensor:
+        emb = self.map_noise(c_noise)
+        if self.map_label is not None:
+            if class_labels is None:
+                raise ValueError("this network is class-conditional: pass class_labels")
+            emb = emb + self.map_label(F.one_hot(class_labels, self.num_classes).to(emb.dtype))
+        emb = F.silu(self.map1(F.silu(self.map0(emb))))
+
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.enc:
+            h = block(h, emb, dropout_key)
+            skips.append(h)
+        for block in self.mid:
+            h = block(h, emb, dropout_key)
+        for block in self.dec:
+            if block.resample != "up":
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = block(h, emb, dropout_key)
+        return self.conv_out(F.silu(group_norm(h, self.out_groups)))

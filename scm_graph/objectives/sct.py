@@ -1,0 +1,57 @@
+"""sCT: continuous-time consistency training, Algorithm 1 of sCM (Lu & Song 2025), exactly.
+
+theta^- is the stop-gradient of the *current* weights (no EMA target). The JVP takes tangents
+already scaled by cos(t) sin(t) (the JVP rearrangement, Sec. 5.1), so
+    dF = cos t sin t dF/dt,
+    g  = -cos^2 t (sigma_d F^- - dx_t/dt) - r (cos t sin t x_t + sigma_d dF)  (= cos t df^-/dt at r = 1),
+then g / (||g|| + c) per sample, and L = e^{w}/D ||F_theta - F^- - g||^2 - w.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp
+
+from scm_graph import trigflow
+from scm_graph.objectives import ObjectiveOut, StepInputs
+from scm_graph.objectives.diffusion import w_of, weighted
+from scm_graph.spec import ObjectiveSpec
+
+
+def tangent(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, x_t: Tensor, dxt: Tensor, cfg: ObjectiveSpec) -> tuple[Tensor, Tensor]:
+    """Return (F^-, g) with g the un-normalised tangent; no gradient flows out of either."""
+    sigma_d, t = cfg.sigma_d, inp.t
+    theta_minus = {k: v.detach() for k, v in params.items()}
+    cos, sin = torch.cos(t), torch.sin(t)
+
+    def F_minus_fn(x_in: Tensor, t_in: Tensor) -> Tensor:
+        return functional_call(model, theta_minus, (x_in, t_in, inp.labels, inp.dropout_key))
+
+    cs = trigflow.expand(cos * sin, x_t)
+    # JVP along (dx_t/dt / sigma_d, 1), pre-scaled by cos t sin t (Sec. 5.1 rearrangement)
+    F_minus, dF = jvp(F_minus_fn, (x_t / sigma_d, t), (cs * dxt / sigma_d, cos * sin))
+    F_minus, dF = F_minus.detach(), dF.detach()
+    c2 = trigflow.expand(cos.square(), x_t)
+    g = -c2 * (sigma_d * F_minus - dxt) - trigflow.expand(inp.r, x_t) * (cs * x_t + sigma_d * dF)  # Algorithm 1
+    return F_minus, g
+
+
+def normalize_tangent(g: Tensor, cfg: ObjectiveSpec) -> tuple[Tensor, Tensor]:
+    """g / (||g|| + c) per sample (Sec. 4.2), or clip to [-1, 1]; also returns ||g||."""
+    norm = g.flatten(1).norm(dim=1)
+    if cfg.tangent_clip:
+        return g.clamp(-1.0, 1.0), norm
+    return g / trigflow.expand(norm + cfg.tangent_c, g), norm
+
+
+def sct_loss(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, cfg: ObjectiveSpec) -> ObjectiveOut:
+    sigma_d = cfg.sigma_d
+    x_t = trigflow.noisy(inp.x0, inp.z, inp.t)  # x_t = cos t x0 + sin t z
+    dxt = trigflow.velocity(inp.x0, inp.z, inp.t)  # sCT: dx_t/dt = cos t z - sin t x0 (unbiased)
+    F_minus, g = tangent(model, params, inp, x_t, dxt, cfg)
+    g, g_norm = normalize_tangent(g, cfg)
+    F = functional_call(model, params, (x_t / sigma_d, inp.t, inp.labels, inp.dropout_key))
+    mse = (F - F_minus - g).square().flatten(1).mean(1)  # (1/D)||F_theta - F^- - g||^2
+    w = w_of(model, params, inp.t, cfg)
+    return ObjectiveOut(weighted(mse, w), mse.detach(), w.detach(), g_norm)
