@@ -195,10 +195,15 @@ def read_spec_file(path: str | Path) -> Spec:
     if loader_spec is None or loader_spec.loader is None:
         raise UserError(f"not a Python spec file: {path}")
     module = importlib.util.module_from_spec(loader_spec)
+    import sys
+
+    sys.path.insert(0, str(path.parent.resolve()))  # a spec may import its sibling specs
     try:
         loader_spec.loader.exec_module(module)
     except Exception as e:  # a broken spec file is user input
         raise UserError(f"spec file {path} failed to load: {type(e).__name__}: {e}") from e
+    finally:
+        sys.path.remove(str(path.parent.resolve()))
     spec = getattr(module, "SPEC", None)
     if not isinstance(spec, Spec):
         raise UserError(f"spec file {path} must define SPEC = Spec(...)")

@@ -1,0 +1,25 @@
+# scm_graph tasks. `just --list` shows them.
+
+# Train a spec: just train specs/digits_sct.py [--field.sub value ...] [--resume]
+train spec *args:
+    python -m scm_graph.train {{spec}} {{args}}
+
+# Write shards: just shard digits | just shard cifar10 --src cifar-10-python.tar.gz | just shard folder --src DIR --resolution R
+shard *args:
+    python -m scm_graph.shard {{args}}
+
+# Sample a checkpoint: just sample --ckpt runs/digits_sct/ckpt.safetensors --steps 2 --n 64 --out grid.png
+sample *args:
+    python -m scm_graph.sample {{args}}
+
+# FD of a digits checkpoint: just eval --ckpt runs/digits_sct/ckpt.safetensors --steps 1 2 --floor
+eval *args:
+    python -m scm_graph.eval {{args}}
+
+# Benchmarks: just bench step [--batch 128 ...]
+bench what *args:
+    python -m scm_graph.bench {{what}} {{args}}
+
+# The test suite (what CI runs after installing)
+test *args:
+    python -m pytest -q {{args}}

@@ -1,0 +1,156 @@
+"""Benchmarks: `python -m scm_graph.bench step [--spec specs/digits_sct.py] [--batch 128]` (or `just bench step`).
+
+`step`: images/s of the sCT and diffusion train steps, eager and compiled, side by side in one
+process on the same synthetic batch, with the network of the given spec. Prints a markdown table and
+(with --out) writes it under docs/ with the device named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from scm_graph.errors import UserError, cli_main
+from scm_graph.model import build_model, num_params
+from scm_graph.objectives import StepInputs
+from scm_graph.sample import pick_device
+from scm_graph.spec import DataSpec, Spec, read_spec_file
+from scm_graph.step import TrainStep
+
+
+@dataclass
+class StepTiming:
+    objective: str
+    mode: str  # "eager" / "compiled"
+    images_per_s: float
+    ms_per_step: float
+    warmup_s: float  # first steps, including compilation
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def time_step(spec: Spec, kind: str, compile: bool, batch: int, steps: int, warmup: int, dev: torch.device) -> StepTiming:
+    spec = dataclasses.replace(spec, objective=dataclasses.replace(spec.objective, kind=kind))
+    torch.manual_seed(0)
+    model = build_model(spec).to(dev).train()
+    step = TrainStep(model, spec, compile=compile)
+    d = spec.data
+    g = torch.Generator(device=dev).manual_seed(0)
+    shape = (batch, d.channels, d.resolution, d.resolution)
+    labels = torch.arange(batch, device=dev) % d.num_classes if spec.net.class_conditional else None
+    inp = StepInputs(
+        torch.randn(shape, generator=g, device=dev) * 0.5,
+        torch.randn(shape, generator=g, device=dev) * 0.5,
+        torch.rand(batch, generator=g, device=dev) * 1.5 + 0.01,
+        labels,
+        torch.tensor(1, device=dev),
+        torch.tensor(0.5, device=dev),
+    )
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step(inp)
+    _sync(dev)
+    t1 = time.perf_counter()
+    for _ in range(steps):
+        step(inp)
+    _sync(dev)
+    dt = (time.perf_counter() - t1) / steps
+    return StepTiming(kind, "compiled" if compile else "eager", batch / dt, dt * 1e3, t1 - t0)
+
+
+def bench_step(spec: Spec, batch: int, steps: int, warmup: int, dev: torch.device) -> list[StepTiming]:
+    rows = []
+    for compile in (False, True):
+        for kind in ("sct", "diffusion"):
+            torch._dynamo.reset()
+            rows.append(time_step(spec, kind, compile, batch, steps, warmup, dev))
+            r = rows[-1]
+            print(f"  {r.objective:9s} {r.mode:8s} {r.images_per_s:9.1f} img/s  {r.ms_per_step:8.1f} ms/step  (warm-up {r.warmup_s:.1f} s)", flush=True)
+    return rows
+
+
+def step_table(rows: list[StepTiming], spec_path: str, spec: Spec, batch: int, dev: torch.device) -> str:
+    by = {(r.objective, r.mode): r for r in rows}
+    model = build_model(spec)
+    lines = [
+        f"## `just bench step` — {spec_path}",
+        "",
+        f"Device: {device_name(dev)}; torch {torch.__version__}; batch {batch}; "
+        f"{spec.data.channels}x{spec.data.resolution}x{spec.data.resolution}; {num_params(model) / 1e6:.2f} M parameters.",
+        "",
+        "| objective | eager img/s | compiled img/s | compiled / eager | warm-up eager / compiled (s) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for kind in ("sct", "diffusion"):
+        e, c = by[(kind, "eager")], by[(kind, "compiled")]
+        lines.append(f"| {kind} | {e.images_per_s:.1f} | {c.images_per_s:.1f} | {c.images_per_s / e.images_per_s:.2f}x | {e.warmup_s:.1f} / {c.warmup_s:.1f} |")
+    lines += ["", "| mode | sCT step time / diffusion step time |", "|---|---:|"]
+    for mode in ("eager", "compiled"):
+        lines.append(f"| {mode} | {by[('sct', mode)].ms_per_step / by[('diffusion', mode)].ms_per_step:.2f}x |")
+    lines += ["", "(The paper's sCD step costs about 2x a diffusion step; the arithmetic floor is about 1.33x.)", ""]
+    return "\n".join(lines)
+
+
+def _bench_spec(path: str) -> Spec:
+    spec = read_spec_file(path)
+    d = spec.data
+    if not d.resolution or not d.channels:  # shape from the spec's data set, without needing its shards
+        shapes = {"digits": (1, 8, 10), "cifar10": (3, 32, 10)}
+        if d.name not in shapes:
+            raise UserError(f"--spec {path}: set data.resolution and data.channels to benchmark without shards")
+        c, r, k = shapes[d.name]
+        d = dataclasses.replace(d, channels=c, resolution=r, num_classes=k)
+    return dataclasses.replace(spec, data=d)
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m scm_graph.bench", description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=["step"], help="what to benchmark")
+    p.add_argument("--spec", default="specs/digits_sct.py", help="spec whose network to use")
+    p.add_argument("--batch", type=int, default=0, help="batch size (default: the spec's)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="append the markdown table to this file (e.g. docs/bench_step.md)")
+    a = p.parse_args(argv)
+    spec = _bench_spec(a.spec)
+    batch = a.batch or spec.train.batch
+    dev = pick_device(a.device)
+    print(f"bench step: {a.spec}, batch {batch}, {device_name(dev)}", flush=True)
+    rows = bench_step(spec, batch, a.steps, a.warmup, dev)
+    table = step_table(rows, a.spec, spec, batch, dev)
+    print(table)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(a.out, "a") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    main()

@@ -1,0 +1,298 @@
+"""Training: `python -m scm_graph.train specs/NAME.py [--resume] [--field.sub value ...]` (or `just train`).
+
+Per step: a batch from the shards, noise and times drawn here (outside the compiled step), one
+TrainStep, the EMA. Every few images: a JSONL metrics line, a sample grid, an atomic checkpoint, and
+(for the digits) the FD of 1- and 2-step samples. `--resume` continues the run folder's checkpoint and
+reproduces the uninterrupted run's losses exactly: the data stream, noise generator, dropout keys,
+optimiser and EMA all continue from the saved state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from scm_graph import trigflow
+from scm_graph.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from scm_graph.data import Batch, batches, open_shards
+from scm_graph.ema import EMA, ema_beta
+from scm_graph.errors import UserError, cli_main
+from scm_graph.model import TrigFlowModel, build_model, copy_params, num_params
+from scm_graph.objectives import StepInputs
+from scm_graph.sample import Generator, generate, pick_device, save_grid, to_uint8
+from scm_graph.spec import Spec, apply_overrides, read_spec_file, resolve, spec_from_json, spec_to_json, validate
+from scm_graph.step import StepOut, TrainStep
+
+CKPT = "ckpt.safetensors"
+METRICS = "metrics.jsonl"
+T_BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, math.pi / 2)  # per-t-bucket loss edges
+
+# Fields a resumed run may change; everything else must match the checkpoint's spec.
+RESUMABLE = {"total_images", "time_limit_s", "log_every_images", "sample_every_images", "ckpt_every_images",
+             "eval_every_images", "eval_samples", "compile", "device"}
+
+
+def draw_inputs(b: Batch, gen: torch.Generator, spec: Spec, step: int, images: int, device: torch.device) -> StepInputs:
+    """All randomness of one step, drawn eagerly: z ~ N(0, sigma_d^2), tau ~ N(P_mean, P_std^2)."""
+    o = spec.objective
+    x0 = b.x0.to(device, non_blocking=True)
+    z = torch.randn(x0.shape, generator=gen, device=device) * o.sigma_d
+    tau = torch.randn(x0.shape[0], generator=gen, device=device) * o.P_std + o.P_mean
+    t = trigflow.sample_t(tau, o.sigma_d)  # t = arctan(e^tau / sigma_d)
+    labels = b.label.to(device) if (b.label is not None and spec.net.class_conditional) else None
+    key = torch.tensor(spec.train.seed * 1_000_003 + step, dtype=torch.int64, device=device)
+    r = 1.0 if o.warmup_images <= 0 else min(1.0, images / o.warmup_images)  # tangent warmup ratio
+    return StepInputs(x0, z, t, labels, key, torch.tensor(r, dtype=torch.float32, device=device))
+
+
+@dataclass
+class Meter:
+    """Accumulates step outputs on the device; `flush` returns one JSON-able record."""
+
+    device: torch.device
+    n: int = 0
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def add(self, out: StepOut, t: torch.Tensor) -> None:
+        edges = torch.tensor(T_BUCKETS, device=t.device)
+        idx = (torch.bucketize(t.float(), edges[1:-1])).long()
+        nb = len(T_BUCKETS) - 1
+        vals = {
+            "loss": out.loss.float(),
+            "grad_norm": out.grad_norm.float(),
+            "mse": out.mse.float().mean(),
+            "tangent_norm": out.tangent_norm.float().mean(),
+            "bucket_sum": torch.zeros(nb, device=t.device).scatter_add_(0, idx, out.mse.float()),
+            "bucket_n": torch.zeros(nb, device=t.device).scatter_add_(0, idx, torch.ones_like(out.mse, dtype=torch.float32)),
+        }
+        for k, v in vals.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        w = out.w.float()
+        self.sums["w_min"] = torch.minimum(self.sums["w_min"], w.min()) if "w_min" in self.sums else w.min()
+        self.sums["w_max"] = torch.maximum(self.sums["w_max"], w.max()) if "w_max" in self.sums else w.max()
+        self.n += 1
+
+    def flush(self) -> dict:
+        s = {k: v.cpu() for k, v in self.sums.items()}
+        rec = {k: float(s[k]) / self.n for k in ("loss", "grad_norm", "mse", "tangent_norm")}
+        rec["w_min"], rec["w_max"] = float(s["w_min"]), float(s["w_max"])
+        cnt = s["bucket_n"].clamp(min=1)
+        rec["mse_by_t"] = {f"{T_BUCKETS[i]:.1f}-{T_BUCKETS[i + 1]:.1f}": round(float(s["bucket_sum"][i] / cnt[i]), 6)
+                           for i in range(len(cnt)) if s["bucket_n"][i] > 0}
+        self.n, self.sums = 0, {}
+        return rec
+
+
+def is_digits(spec: Spec) -> bool:
+    return (spec.data.channels, spec.data.resolution) == (1, 8)
+
+
+def evaluate_fd(g: Generator, n: int, seed: int = 0) -> dict[str, float]:
+    """FD in the digits classifier's feature space: 1- and 2-step (consistency) or Heun 32 (diffusion)."""
+    from scm_graph.fd import digits_fd
+
+    res = {}
+    settings = [(1, "fd_1step"), (2, "fd_2step")] if g.is_consistency else [(32, "fd_heun32")]
+    for steps, name in settings:
+        res[name] = digits_fd(to_uint8(generate(g, n, steps=steps, seed=seed), g.spec))
+    return res
+
+
+class Run:
+    """The state of one training run and the side effects around the step."""
+
+    def __init__(self, spec: Spec, out: Path, resume: bool):
+        self.spec, self.out = spec, out
+        self.device = pick_device(spec.train.device)
+        t = spec.train
+        torch.manual_seed(t.seed)
+        self.model: TrigFlowModel = build_model(spec).to(self.device).train()
+        self.step_fn = TrainStep(self.model, spec)
+        self.ema = EMA(self.model)
+        self.gen = torch.Generator(device=self.device).manual_seed(t.seed)
+        self.step = self.images = 0
+        self.wall = 0.0
+        if resume:
+            self._load(out / CKPT)
+        elif t.init_from:
+            self._init_from(t.init_from)
+
+    # --- state in and out -------------------------------------------------------------------
+    def _init_from(self, path: str) -> None:
+        ckpt = load_checkpoint(path)
+        try:
+            copy_params(self.model, ckpt.ema if ckpt.ema is not None else ckpt.net)
+        except ValueError as e:
+            raise UserError(f"train.init_from {path}: {e}") from None
+        self.ema = EMA(self.model)
+
+    def _load(self, path: Path) -> None:
+        ckpt = load_checkpoint(path, map_location=self.device)
+        check_resumable(spec_from_json(ckpt.spec_json), self.spec, path)
+        copy_params(self.model, ckpt.net)
+        self.ema.load(ckpt.ema)
+        self.step_fn.optimizer.load_state_dict(ckpt.optim)
+        self.gen.set_state(ckpt.rng["noise"])
+        torch.set_rng_state(ckpt.rng["torch_cpu"])
+        self.step, self.images, self.wall = ckpt.step, ckpt.images, float(ckpt.meta.get("wall_s", 0.0))
+        truncate_metrics(self.out / METRICS, self.images)
+
+    def save(self, extra: dict | None = None) -> None:
+        ckpt = Checkpoint(
+            spec_json=spec_to_json(self.spec),
+            step=self.step,
+            images=self.images,
+            net={k: v.detach() for k, v in self.model.named_parameters()},
+            ema=self.ema.params,
+            optim=self.step_fn.optimizer.state_dict(),
+            rng={"noise": self.gen.get_state(), "torch_cpu": torch.get_rng_state()},
+            meta={"objective": self.spec.objective.kind, "wall_s": self.wall, **(extra or {})},
+        )
+        save_checkpoint(self.out / CKPT, ckpt)
+
+    def generator(self) -> Generator:
+        model = build_model(self.spec).to(self.device).eval()
+        copy_params(model, self.ema.params)
+        return Generator(model, self.spec, self.device)
+
+    def log(self, rec: dict) -> None:
+        with open(self.out / METRICS, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def grid(self) -> Path:
+        g = self.generator()
+        steps = 2 if g.is_consistency else 18
+        path = self.out / "grids" / f"grid-{self.images:012d}.png"
+        save_grid(to_uint8(generate(g, 64, steps=steps, seed=self.spec.train.seed), self.spec), path)
+        return path
+
+
+def check_resumable(saved: Spec, now: Spec, path: Path) -> None:
+    a, b = dataclasses.asdict(saved), dataclasses.asdict(now)
+    for section in a:
+        if not isinstance(a[section], dict):
+            if a[section] != b[section]:
+                raise UserError(f"--resume: {section} differs from the checkpoint {path} ({a[section]!r} vs {b[section]!r})")
+            continue
+        for k, v in a[section].items():
+            w = b[section][k]
+            if isinstance(v, list):
+                v = tuple(v)
+            if isinstance(w, list):
+                w = tuple(w)
+            if v != w and not (section == "train" and k in RESUMABLE):
+                raise UserError(f"--resume: {section}.{k} differs from the checkpoint {path} ({v!r} vs {w!r})")
+
+
+def truncate_metrics(path: Path, images: int) -> None:
+    """Drop metric lines written after the checkpoint (a crash between checkpoints), atomically."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("images", 0) <= images]
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+def _every(images_before: int, images_after: int, every: int) -> bool:
+    return every > 0 and images_after // every > images_before // every
+
+
+def train(spec: Spec, out: Path, resume: bool = False, progress: bool = True) -> dict:
+    """Run (or continue) training; returns the final summary record."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    t = spec.train
+    if resume and not (out / CKPT).exists():
+        raise UserError(f"--resume: no checkpoint {out / CKPT}")
+    if not resume and (out / CKPT).exists():
+        raise UserError(f"{out} already holds a run; pass --resume to continue it or --train.out to start elsewhere")
+    out.mkdir(parents=True, exist_ok=True)
+    run = Run(spec, out, resume)
+    stream = batches(spec.data, spec.objective.sigma_d, t.batch, t.seed, start_images=run.images)
+    if not resume:
+        run.log({"event": "start", "images": 0, "params": num_params(run.model), "device": str(run.device),
+                 "spec": json.loads(spec_to_json(spec))})
+    meter = Meter(run.device)
+    cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("img"),
+            TextColumn("{task.fields[ips]:>8.0f} img/s  loss {task.fields[loss]:.4g}"), TimeElapsedColumn(),
+            TimeRemainingColumn()]
+    rate_t0, rate_img0 = time.perf_counter(), run.images
+    t_start, wall0 = time.perf_counter(), run.wall
+    last = {}
+    with Progress(*cols, disable=not progress, transient=False) as bar:
+        task = bar.add_task(spec.name, total=t.total_images, completed=run.images, ips=0.0, loss=float("nan"))
+        while run.images < t.total_images:
+            inp = draw_inputs(next(stream), run.gen, spec, run.step, run.images, run.device)
+            out_step = run.step_fn(inp)
+            run.ema.update(run.model, ema_beta(t.batch, run.images + t.batch, t.ema_halflife_images, t.ema_rampup))
+            meter.add(out_step, inp.t)
+            before, run.images, run.step = run.images, run.images + t.batch, run.step + 1
+            run.wall = wall0 + time.perf_counter() - t_start
+            stop = t.time_limit_s > 0 and run.wall >= t.time_limit_s
+            done = run.images >= t.total_images or stop
+            if _every(before, run.images, t.log_every_images) or done:
+                rec = meter.flush()
+                if not math.isfinite(rec["loss"]):
+                    raise UserError(f"non-finite loss at step {run.step} (images {run.images}); the last checkpoint is kept")
+                now = time.perf_counter()
+                ips = (run.images - rate_img0) / max(now - rate_t0, 1e-9)
+                rate_t0, rate_img0 = now, run.images
+                r = float(inp.r)
+                last = {"images": run.images, "step": run.step, **rec, "r": r, "img_per_s": round(ips, 1), "wall_s": round(run.wall, 2)}
+                run.log(last)
+                bar.update(task, completed=run.images, ips=ips, loss=rec["loss"])
+            else:
+                bar.update(task, completed=run.images)
+            if _every(before, run.images, t.sample_every_images) or done:
+                run.grid()
+            if is_digits(spec) and (_every(before, run.images, t.eval_every_images) or done):
+                fd = evaluate_fd(run.generator(), t.eval_samples)
+                run.log({"event": "eval", "images": run.images, **fd})
+                last.update(fd)
+            if _every(before, run.images, t.ckpt_every_images) or done:
+                run.save({"last": last})
+            if stop:
+                break
+    summary = {"event": "end", "images": run.images, "step": run.step, "wall_s": round(run.wall, 2),
+               **{k: v for k, v in last.items() if k.startswith("fd_") or k == "loss"}}
+    run.log(summary)
+    return summary
+
+
+def parse_args(argv: list[str]) -> tuple[Spec, Path, bool]:
+    if not argv or argv[0] in ("-h", "--help") and len(argv) == 1:
+        print("usage: python -m scm_graph.train SPEC.py [--resume] [--field.sub VALUE ...]\n"
+              "       python -m scm_graph.train SPEC.py --help   (every field with its help text)")
+        raise SystemExit(0 if argv else 2)
+    path, rest = argv[0], argv[1:]
+    if path.startswith("-"):
+        raise UserError(f"the first argument must be a spec file, got {path}")
+    resume = "--resume" in rest
+    rest = [a for a in rest if a != "--resume"]
+    spec = apply_overrides(read_spec_file(path), rest, prog=f"python -m scm_graph.train {path}")
+    manifest = open_shards(spec.data)
+    spec = resolve(spec, manifest)
+    validate(spec)
+    out = Path(spec.train.out or f"runs/{spec.name}")
+    return spec, out, resume
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    spec, out, resume = parse_args(sys.argv[1:] if argv is None else argv)
+    summary = train(spec, out, resume=resume, progress=sys.stderr.isatty() or os.environ.get("SCM_PROGRESS") == "1")
+    fds = "  ".join(f"{k} {v:.3f}" for k, v in summary.items() if k.startswith("fd_"))
+    print(f"done: {summary['images']} images in {summary['wall_s']:.0f} s -> {out / CKPT}  {fds}")
+
+
+if __name__ == "__main__":
+    main()
