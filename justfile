@@ -23,3 +23,9 @@ bench what *args:
 # The test suite (what CI runs after installing)
 test *args:
     python -m pytest -q {{args}}
+
+# The README's default run: digits shards (once), sCT training, FD of 1- and 2-step samples
+digits:
+    [ -f shards/digits/manifest.json ] || python -m scm_graph.shard digits
+    python -m scm_graph.train specs/digits_sct.py
+    python -m scm_graph.eval --ckpt runs/digits_sct/ckpt.safetensors --steps 1 2 --floor

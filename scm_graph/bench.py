@@ -7,7 +7,6 @@ process on the same synthetic batch, with the network of the given spec. Prints 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import platform
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from scm_graph.errors import UserError, cli_main
+from scm_graph.errors import ArgumentParser, UserError, cli_main
 from scm_graph.model import build_model, num_params
 from scm_graph.objectives import StepInputs
 from scm_graph.sample import pick_device
@@ -53,7 +52,7 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def time_step(spec: Spec, kind: str, compile: bool, batch: int, steps: int, warmup: int, dev: torch.device) -> StepTiming:
+def time_step(spec: Spec, kind: str, compile: bool, batch: int, steps: int, warmup: int, dev: torch.device, rounds: int = 3) -> StepTiming:
     spec = dataclasses.replace(spec, objective=dataclasses.replace(spec.objective, kind=kind))
     torch.manual_seed(0)
     model = build_model(spec).to(dev).train()
@@ -74,20 +73,23 @@ def time_step(spec: Spec, kind: str, compile: bool, batch: int, steps: int, warm
     for _ in range(warmup):
         step(inp)
     _sync(dev)
-    t1 = time.perf_counter()
-    for _ in range(steps):
-        step(inp)
-    _sync(dev)
-    dt = (time.perf_counter() - t1) / steps
-    return StepTiming(kind, "compiled" if compile else "eager", batch / dt, dt * 1e3, t1 - t0)
+    warm = time.perf_counter() - t0
+    dt = float("inf")
+    for _ in range(rounds):  # best of several rounds: robust to a noisy machine
+        t1 = time.perf_counter()
+        for _ in range(steps):
+            step(inp)
+        _sync(dev)
+        dt = min(dt, (time.perf_counter() - t1) / steps)
+    return StepTiming(kind, "compiled" if compile else "eager", batch / dt, dt * 1e3, warm)
 
 
-def bench_step(spec: Spec, batch: int, steps: int, warmup: int, dev: torch.device) -> list[StepTiming]:
+def bench_step(spec: Spec, batch: int, steps: int, warmup: int, dev: torch.device, rounds: int = 3) -> list[StepTiming]:
     rows = []
     for compile in (False, True):
         for kind in ("sct", "diffusion"):
             torch._dynamo.reset()
-            rows.append(time_step(spec, kind, compile, batch, steps, warmup, dev))
+            rows.append(time_step(spec, kind, compile, batch, steps, warmup, dev, rounds))
             r = rows[-1]
             print(f"  {r.objective:9s} {r.mode:8s} {r.images_per_s:9.1f} img/s  {r.ms_per_step:8.1f} ms/step  (warm-up {r.warmup_s:.1f} s)", flush=True)
     return rows
@@ -100,7 +102,8 @@ def step_table(rows: list[StepTiming], spec_path: str, spec: Spec, batch: int, d
         f"## `just bench step` — {spec_path}",
         "",
         f"Device: {device_name(dev)}; torch {torch.__version__}; batch {batch}; "
-        f"{spec.data.channels}x{spec.data.resolution}x{spec.data.resolution}; {num_params(model) / 1e6:.2f} M parameters.",
+        f"{spec.data.channels}x{spec.data.resolution}x{spec.data.resolution}; {num_params(model) / 1e6:.2f} M parameters; "
+        "best of the timed rounds, after warm-up (warm-up includes compilation, or a compile-cache hit).",
         "",
         "| objective | eager img/s | compiled img/s | compiled / eager | warm-up eager / compiled (s) |",
         "|---|---:|---:|---:|---:|",
@@ -129,12 +132,13 @@ def _bench_spec(path: str) -> Spec:
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m scm_graph.bench", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m scm_graph.bench", description=__doc__.splitlines()[0])
     p.add_argument("what", choices=["step"], help="what to benchmark")
     p.add_argument("--spec", default="specs/digits_sct.py", help="spec whose network to use")
     p.add_argument("--batch", type=int, default=0, help="batch size (default: the spec's)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds of --steps steps; the fastest counts")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="append the markdown table to this file (e.g. docs/bench_step.md)")
     a = p.parse_args(argv)
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     batch = a.batch or spec.train.batch
     dev = pick_device(a.device)
     print(f"bench step: {a.spec}, batch {batch}, {device_name(dev)}", flush=True)
-    rows = bench_step(spec, batch, a.steps, a.warmup, dev)
+    rows = bench_step(spec, batch, a.steps, a.warmup, dev, a.rounds)
     table = step_table(rows, a.spec, spec, batch, dev)
     print(table)
     if a.out:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from typing import Callable, TypeVar
@@ -28,3 +29,10 @@ def cli_main(fn: Callable[..., T]) -> Callable[..., T]:
             raise SystemExit(130) from None
 
     return wrapper
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports bad arguments as a one-line UserError."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(message)

@@ -8,12 +8,11 @@ Inception FID (clean-fid) for CIFAR-10 and ImageNet comes in a later version.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import asdict, dataclass
 
-from scm_graph.errors import UserError, cli_main
+from scm_graph.errors import ArgumentParser, UserError, cli_main
 from scm_graph.sample import Generator, generate, load_generator, nfe, to_uint8
 
 
@@ -44,7 +43,7 @@ def evaluate(g: Generator, steps: list[int], n: int = 1797, solver: str = "heun"
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m scm_graph.eval", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m scm_graph.eval", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="checkpoint (.safetensors)")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2], help="sampling steps to evaluate")
     p.add_argument("--solver", choices=["heun", "euler"], default="heun", help="PF-ODE solver (diffusion checkpoints)")

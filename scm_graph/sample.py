@@ -8,7 +8,6 @@ EDM time grid (rho = 7, sigma in [0.002, 80]) mapped to TrigFlow by t = arctan(s
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from torch import Tensor
 from scm_graph import trigflow
 from scm_graph.checkpoint import load_checkpoint
 from scm_graph.data import denormalize
-from scm_graph.errors import UserError, cli_main
+from scm_graph.errors import ArgumentParser, UserError, cli_main
 from scm_graph.model import TrigFlowModel, build_model, copy_params
 from scm_graph.spec import Spec, spec_from_json
 
@@ -191,7 +190,7 @@ def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, min_sid
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m scm_graph.sample", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m scm_graph.sample", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="checkpoint (.safetensors) written by training")
     p.add_argument("--steps", type=int, default=2, help="consistency steps (1, 2, ...) or ODE steps for a diffusion model")
     p.add_argument("--times", type=float, nargs="+", help="explicit sampling times, decreasing (overrides --steps)")
@@ -209,11 +208,15 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("--n must be at least 1")
     if a.times and any(not 0 < t <= math.pi / 2 for t in a.times):
         raise UserError("--times must lie in (0, pi/2]")
+    if a.times and any(b >= c for c, b in zip(a.times, a.times[1:])):
+        raise UserError("--times must strictly decrease")
     g = load_generator(a.ckpt, ema=not a.raw, device=a.device)
     labels = None
     if a.label is not None:
         if not g.spec.net.class_conditional:
             raise UserError("--label given but this model is unconditional")
+        if not 0 <= a.label < g.spec.data.num_classes:
+            raise UserError(f"--label must be in [0, {g.spec.data.num_classes})")
         labels = torch.full((a.n,), a.label, dtype=torch.int64)
     x = generate(g, a.n, steps=a.steps, times=a.times, solver=a.solver, seed=a.seed, batch=a.batch, labels=labels)
     imgs = to_uint8(x, g.spec)

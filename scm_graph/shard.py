@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from scm_graph.errors import UserError, cli_main
+from scm_graph.errors import ArgumentParser, UserError, cli_main
 
 if TYPE_CHECKING:  # scm_graph.data imports torch; the CLI loads it only when it writes
     from scm_graph.data import Manifest
@@ -456,17 +456,10 @@ def write_set(
 # CLI
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports bad arguments as a one-line UserError."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(message)
-
-
 def _build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m scm_graph.shard", description="Write an image dataset as webdataset shards.")
+    p = ArgumentParser(prog="python -m scm_graph.shard", description="Write an image dataset as webdataset shards.")
     sub = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
-    common = _Parser(add_help=False)
+    common = ArgumentParser(add_help=False)
     common.add_argument("--out", default="shards", help="root folder of the shard sets (default: shards)")
     common.add_argument("--name", default=None, help="shard set name (default: the source name)")
     common.add_argument("--shard-size", type=int, default=10000, help="samples per tar file (default: 10000)")

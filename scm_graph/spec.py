@@ -223,7 +223,8 @@ def apply_overrides(spec: Spec, args: list[str], prog: str = "scm_graph.train") 
 
     import tyro
 
-    args = [_BOOL_WORDS.get(a.lower(), a) if not a.startswith("-") else a for a in args]
+    bool_flags = _bool_flags(Spec)
+    args = [_BOOL_WORDS.get(a.lower(), a) if i and args[i - 1] in bool_flags else a for i, a in enumerate(args)]
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
@@ -238,6 +239,19 @@ def apply_overrides(spec: Spec, args: list[str], prog: str = "scm_graph.train") 
         if e.code in (0, None):
             raise
         raise UserError(_first_tyro_line(err.getvalue()) or f"bad arguments: {' '.join(args)}") from None
+
+
+def _bool_flags(cls: type, prefix: str = "") -> set[str]:
+    """`--a.b` and `--a-b` spellings of every bool field, so `--train.compile false` works."""
+    flags: set[str] = set()
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        sub = _SUBSPECS.get(f.name) if cls is Spec else None
+        if sub is not None:
+            flags |= _bool_flags(sub, name + ".")
+        elif f.type in (bool, "bool"):
+            flags |= {f"--{name}", f"--{name.replace('_', '-')}"}
+    return flags
 
 
 def _first_tyro_line(text: str) -> str:

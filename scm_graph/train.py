@@ -36,8 +36,9 @@ METRICS = "metrics.jsonl"
 T_BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, math.pi / 2)  # per-t-bucket loss edges
 
 # Fields a resumed run may change; everything else must match the checkpoint's spec.
-RESUMABLE = {"total_images", "time_limit_s", "log_every_images", "sample_every_images", "ckpt_every_images",
-             "eval_every_images", "eval_samples", "compile", "device"}
+RESUMABLE = {"train.total_images", "train.time_limit_s", "train.log_every_images", "train.sample_every_images",
+             "train.ckpt_every_images", "train.eval_every_images", "train.eval_samples", "train.compile",
+             "train.device", "train.out", "data.workers", "data.root"}
 
 
 def draw_inputs(b: Batch, gen: torch.Generator, spec: Spec, step: int, images: int, device: torch.device) -> StepInputs:
@@ -159,7 +160,8 @@ class Run:
         save_checkpoint(self.out / CKPT, ckpt)
 
     def generator(self) -> Generator:
-        model = build_model(self.spec).to(self.device).eval()
+        with torch.random.fork_rng(devices=[]):  # building a model must not move the global RNG
+            model = build_model(self.spec).to(self.device).eval()
         copy_params(model, self.ema.params)
         return Generator(model, self.spec, self.device)
 
@@ -188,7 +190,7 @@ def check_resumable(saved: Spec, now: Spec, path: Path) -> None:
                 v = tuple(v)
             if isinstance(w, list):
                 w = tuple(w)
-            if v != w and not (section == "train" and k in RESUMABLE):
+            if v != w and f"{section}.{k}" not in RESUMABLE:
                 raise UserError(f"--resume: {section}.{k} differs from the checkpoint {path} ({v!r} vs {w!r})")
 
 
@@ -196,7 +198,14 @@ def truncate_metrics(path: Path, images: int) -> None:
     """Drop metric lines written after the checkpoint (a crash between checkpoints), atomically."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("images", 0) <= images]
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:  # a line torn by the crash
+            continue
+        if rec.get("images", 0) <= images:
+            keep.append(ln)
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
     tmp.write_text("".join(ln + "\n" for ln in keep))
     os.replace(tmp, path)
@@ -216,6 +225,9 @@ def train(spec: Spec, out: Path, resume: bool = False, progress: bool = True) ->
     if not resume and (out / CKPT).exists():
         raise UserError(f"{out} already holds a run; pass --resume to continue it or --train.out to start elsewhere")
     out.mkdir(parents=True, exist_ok=True)
+    stale = out / METRICS
+    if not resume and stale.exists():  # a run that died before its first checkpoint: keep its log aside
+        stale.rename(out / f"{METRICS}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
     run = Run(spec, out, resume)
     stream = batches(spec.data, spec.objective.sigma_d, t.batch, t.seed, start_images=run.images)
     if not resume:

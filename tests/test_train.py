@@ -1,0 +1,391 @@
+"""Training runs end to end: exact resume, compiled == eager, smoke runs of every spec, init_from, bad input."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import scm_graph.train as tr
+from scm_graph.checkpoint import load_checkpoint
+from scm_graph.errors import UserError
+from scm_graph.model import build_model
+from scm_graph.objectives import StepInputs
+from scm_graph.spec import ObjectiveSpec, spec_from_json
+from scm_graph.step import StepOut, TrainStep
+from tests.conftest import SPECS, assert_user_error, run_cli, tiny_args, tiny_spec
+
+pytestmark = pytest.mark.usefixtures("torch_defaults", "scm_cache")
+
+TIMING_KEYS = ("wall_s", "img_per_s")
+STEP_KEYS = ("loss", "grad_norm", "mse", "tangent_norm", "w_min", "w_max", "mse_by_t")
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_records(run: Path) -> dict[int, dict]:
+    """The metric lines (those with "loss" and no event), by step, without timing fields."""
+    out: dict[int, dict] = {}
+    for r in read_metrics(run):
+        if "loss" in r and "event" not in r:
+            assert r["step"] not in out, f"step {r['step']} logged twice"
+            out[r["step"]] = {k: v for k, v in r.items() if k not in TIMING_KEYS}
+    return out
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def train_main(spec: str, *args: str) -> None:
+    tr.main([str(SPECS / spec), *map(str, args)])
+
+
+def assert_tensors_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(a[k], b[k]), k
+
+
+# ----------------------------------------------------------------------------- exact resume
+
+
+def test_resume_equals_uninterrupted(tmp_path: Path, shard_root: Path):
+    """8 steps in one go == 4 steps, then --resume to 8: identical metrics and bit-identical weights."""
+    extra = ("--net.dropout", "0.1")
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_main("digits_sct.py", *tiny_args(shard_root, a, 128, *extra))
+    train_main("digits_sct.py", *tiny_args(shard_root, b, 64, *extra))
+    assert load_checkpoint(b / "ckpt.safetensors").images == 64
+    # a crash between checkpoints leaves lines past the checkpoint; --resume must drop them
+    with open(b / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"images": 80, "step": 5, "loss": 123.0, "marker": "stale"}) + "\n")
+    train_main("digits_sct.py", *tiny_args(shard_root, b, 128, *extra), "--resume")
+
+    ra, rb = step_records(a), step_records(b)
+    assert sorted(ra) == sorted(rb) == list(range(1, 9))
+    for s in range(5, 9):
+        assert set(STEP_KEYS) <= ra[s].keys()
+        assert ra[s] == rb[s], (s, ra[s], rb[s])
+    assert all(rb[s]["images"] == 16 * s for s in rb)
+    lines = read_metrics(b)
+    assert not any(r.get("marker") == "stale" or r.get("loss") == 123.0 for r in lines)
+    assert [r.get("event") for r in lines].count("start") == 1
+    assert [r["images"] for r in lines if r.get("event") == "end"] == [64, 128]
+
+    ca, cb = load_checkpoint(a / "ckpt.safetensors"), load_checkpoint(b / "ckpt.safetensors")
+    assert (ca.step, ca.images) == (cb.step, cb.images) == (8, 128)
+    assert_tensors_identical(ca.net, cb.net)
+    assert_tensors_identical(ca.ema, cb.ema)
+    assert ca.optim["param_groups"] == cb.optim["param_groups"]
+    for i in ca.optim["state"]:
+        for k, v in ca.optim["state"][i].items():
+            w = cb.optim["state"][i][k]
+            assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w, (i, k)
+    assert torch.equal(ca.rng["noise"], cb.rng["noise"])
+    # the final FD evaluation of both runs sees the same EMA weights
+    end_a, end_b = read_metrics(a)[-1], read_metrics(b)[-1]
+    assert end_a["fd_1step"] == end_b["fd_1step"] and end_a["fd_2step"] == end_b["fd_2step"]
+
+
+def test_time_limit_then_resume(tmp_path: Path, shard_root: Path):
+    run = tmp_path / "run"
+    train_main("digits_diffusion.py", *tiny_args(shard_root, run, 64), "--train.time_limit_s", "1e-6")
+    ck = load_checkpoint(run / "ckpt.safetensors")
+    assert (ck.step, ck.images) == (1, 16)  # stopped (and checkpointed) after the first step
+    end = read_metrics(run)[-1]
+    assert (end["event"], end["images"], end["step"]) == ("end", 16, 1)
+    train_main("digits_diffusion.py", *tiny_args(shard_root, run, 64), "--resume")
+    ck = load_checkpoint(run / "ckpt.safetensors")
+    assert (ck.step, ck.images) == (4, 64)
+    assert sorted(step_records(run)) == [1, 2, 3, 4]
+
+
+def test_truncate_metrics(tmp_path: Path):
+    p = tmp_path / "metrics.jsonl"
+    tr.truncate_metrics(p, 10)  # no file: nothing to do
+    assert not p.exists()
+    recs = [{"event": "start", "images": 0}, {"images": 16, "loss": 1.0}, {"images": 32, "loss": 2.0},
+            {"event": "eval", "images": 32, "fd_1step": 3.0}, {"images": 48, "loss": 4.0}, {"event": "x"}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs) + "\n")
+    tr.truncate_metrics(p, 32)
+    assert [json.loads(ln) for ln in p.read_text().splitlines()] == recs[:4] + [recs[5]]
+    assert p.read_text().endswith("\n") and list(tmp_path.iterdir()) == [p]  # no temp file left
+    tr.truncate_metrics(p, 0)
+    assert [json.loads(ln) for ln in p.read_text().splitlines()] == [recs[0], recs[5]]
+
+
+def test_truncate_metrics_torn_last_line(tmp_path: Path):
+    p = tmp_path / "metrics.jsonl"
+    p.write_text(json.dumps({"images": 16, "loss": 1.0}) + "\n" + '{"images": 32, "lo')
+    tr.truncate_metrics(p, 16)
+    assert [json.loads(ln) for ln in p.read_text().splitlines()] == [{"images": 16, "loss": 1.0}]
+
+
+def test_meter_buckets_and_extremes():
+    m = tr.Meter(torch.device("cpu"))
+    t = torch.tensor([0.1, 0.1, 0.5, 1.5])
+    for k in range(2):
+        out = StepOut(loss=torch.tensor(1.0 + k), mse=torch.tensor([1.0, 3.0, 5.0, 7.0]) * (k + 1),
+                      w=torch.tensor([0.0, -1.0, 2.0, 0.5]) * (k + 1), tangent_norm=torch.ones(4) * k,
+                      grad_norm=torch.tensor(2.0 * k))
+        m.add(out, t)
+    rec = m.flush()
+    assert rec["loss"] == 1.5 and rec["grad_norm"] == 1.0 and rec["tangent_norm"] == 0.5
+    assert rec["mse"] == pytest.approx((4.0 + 8.0) / 2)
+    assert (rec["w_min"], rec["w_max"]) == (-2.0, 4.0)
+    assert rec["mse_by_t"] == {"0.0-0.2": 3.0, "0.4-0.6": 7.5, "1.2-1.6": 10.5}
+    assert m.n == 0 and m.sums == {}
+
+
+# ----------------------------------------------------------------------------- compiled == eager
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sct", "diffusion"])
+def test_compiled_step_matches_eager(kind: str):
+    spec = tiny_spec(dropout=0.1 if kind == "sct" else 0.0)
+    spec = dataclasses.replace(spec, objective=ObjectiveSpec(kind=kind))
+    torch.manual_seed(0)
+    eager_model = build_model(spec).train()
+    with torch.no_grad():  # non-zero output and weighting layers, so every gradient is non-trivial
+        eager_model.net.conv_out.weight.normal_(0, 0.1)
+        eager_model.w_phi.linear.weight.normal_(0, 0.1)
+    compiled_model = copy.deepcopy(eager_model)
+    torch._dynamo.reset()
+    eager, compiled = TrainStep(eager_model, spec, compile=False), TrainStep(compiled_model, spec, compile=True)
+    g = torch.Generator().manual_seed(1)
+    for i in range(2):
+        x0 = torch.randn(8, 1, 8, 8, generator=g) * 0.5
+        z = torch.randn(8, 1, 8, 8, generator=g) * 0.5
+        t = torch.rand(8, generator=g) * 1.5 + 0.02
+        inp = StepInputs(x0, z, t, None, torch.tensor(1000 + i), torch.tensor(0.5))
+        a, b = eager(inp), compiled(inp)
+        assert torch.isfinite(a.loss) and a.loss.item() != 0
+        assert abs(a.loss.item() - b.loss.item()) <= 1e-5 * abs(a.loss.item()), (i, a.loss, b.loss)
+        torch.testing.assert_close(b.mse, a.mse, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(b.grad_norm, a.grad_norm, rtol=1e-5, atol=1e-7)
+        if kind == "sct":
+            torch.testing.assert_close(b.tangent_norm, a.tangent_norm, rtol=1e-5, atol=1e-7)
+    pa, pb = dict(eager_model.named_parameters()), dict(compiled_model.named_parameters())
+    init = dict(build_model(spec).named_parameters())
+    assert any(not torch.equal(pa[k], init[k]) for k in pa)  # the updates did something
+    for k in pa:
+        assert (pa[k] - pb[k]).abs().max().item() <= 1e-5, k
+
+
+# ----------------------------------------------------------------------------- smoke runs of every spec
+
+
+SMOKE = ["digits_sct", "digits_diffusion", "cifar10_sct", "cifar10_diffusion"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SMOKE)
+def test_smoke_run(tmp_path: Path, shard_root: Path, name: str):
+    path = SPECS / f"{name}.py"
+    if not path.exists():
+        pytest.skip(f"specs/{name}.py does not exist (yet)")
+    digits = name.startswith("digits")
+    steps = 3 if digits else 2
+    run = tmp_path / "run"
+    # cifar: the synthetic 3x32x32 set in shard_root, read through one DataLoader worker (the spec asks for 4)
+    extra = () if digits else ("--data.name", "cifar10", "--data.workers", "1")
+    args = [str(path), *tiny_args(shard_root, run, 16 * steps, *extra)]
+    if name == "digits_sct":  # one true CLI run
+        res = run_cli("scm_graph.train", *args, cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.startswith("done:") and "fd_1step" in res.stdout
+    else:
+        tr.main(args)
+
+    ck = load_checkpoint(run / "ckpt.safetensors")
+    spec = spec_from_json(ck.spec_json)
+    assert (ck.step, ck.images) == (steps, 16 * steps) and ck.ema is not None and ck.optim is not None
+    assert ck.meta["objective"] == spec.objective.kind == ("diffusion" if "diffusion" in name else "sct")
+    assert (spec.data.channels, spec.data.resolution) == ((1, 8) if digits else (3, 32))
+
+    recs = read_metrics(run)
+    assert recs[0]["event"] == "start" and recs[0]["params"] > 0 and recs[0]["spec"]["name"] == name
+    assert recs[-1]["event"] == "end" and recs[-1]["images"] == 16 * steps and recs[-1]["step"] == steps
+    lines = [r for r in recs if "loss" in r and "event" not in r]
+    assert len(lines) == steps
+    for r in lines:
+        assert set(STEP_KEYS) <= r.keys()
+        assert all(math.isfinite(r[k]) for k in STEP_KEYS if k != "mse_by_t")
+        assert r["mse_by_t"] and all(math.isfinite(v) for v in r["mse_by_t"].values())
+        assert r["w_min"] <= r["w_max"]
+    evals = [r for r in recs if r.get("event") == "eval"]
+    if digits:
+        want = {"fd_heun32"} if "diffusion" in name else {"fd_1step", "fd_2step"}
+        assert len(evals) == 1 and want <= evals[0].keys()
+        assert all(math.isfinite(evals[0][k]) and evals[0][k] >= 0 for k in want)
+        assert want <= recs[-1].keys()
+    else:
+        assert not evals
+
+    grids = sorted((run / "grids").glob("*.png"))
+    assert [g.name for g in grids] == [f"grid-{16 * steps:012d}.png"]
+    with Image.open(grids[0]) as im:
+        assert im.size == (521, 521)  # 64 samples, 8 per row, each upscaled to 64 px, 1 px padding
+        assert im.mode == ("L" if digits else "RGB")
+
+
+# ----------------------------------------------------------------------------- init_from
+
+
+def test_init_from_loads_teacher_weights(tmp_path: Path, shard_root: Path, diffusion_ckpt: Path):
+    teacher = load_checkpoint(diffusion_ckpt)
+    spec, out, resume = tr.parse_args([str(SPECS / "digits_sct.py"),
+                                       *tiny_args(shard_root, tmp_path / "x", 16, "--train.init_from", str(diffusion_ckpt))])
+    assert not resume and out == tmp_path / "x" and spec.train.init_from == str(diffusion_ckpt)
+    run = tr.Run(spec, out, resume=False)
+    own = dict(run.model.named_parameters())
+    assert_tensors_identical({k: v.detach() for k, v in own.items()}, teacher.ema)
+    assert_tensors_identical(run.ema.params, teacher.ema)
+    assert all(v.data_ptr() != own[k].data_ptr() for k, v in run.ema.params.items())  # a copy, not aliased
+    assert run.step_fn.params["net.conv_out.weight"] is own["net.conv_out.weight"]  # the step trains them
+
+    scratch = tr.Run(dataclasses.replace(spec, train=dataclasses.replace(spec.train, init_from="")), out, False)
+    differ = [k for k, v in scratch.model.named_parameters() if not torch.equal(v, teacher.ema[k])]
+    assert len(differ) > len(own) // 2  # the test would notice an ignored init_from
+
+
+def test_init_from_end_to_end(tmp_path: Path, shard_root: Path, diffusion_ckpt: Path):
+    """With lr 0 the sCT run's weights after one step are exactly the teacher's EMA weights."""
+    teacher = load_checkpoint(diffusion_ckpt)
+    run = tmp_path / "sct"
+    train_main("digits_sct.py", *tiny_args(shard_root, run, 16, "--train.init_from", str(diffusion_ckpt),
+                                           "--optim.lr", "0"))
+    ck = load_checkpoint(run / "ckpt.safetensors")
+    assert ck.step == 1
+    assert_tensors_identical(ck.net, teacher.ema)
+    for k, v in ck.ema.items():
+        torch.testing.assert_close(v, teacher.ema[k], rtol=0, atol=1e-6)
+    assert spec_from_json(ck.spec_json).train.init_from == str(diffusion_ckpt)
+
+
+def test_init_from_mismatched_net(tmp_path: Path, shard_root: Path, diffusion_ckpt: Path, capsys):
+    run = tmp_path / "wide"
+    with pytest.raises(SystemExit) as e:
+        train_main("digits_sct.py", *tiny_args(shard_root, run, 16, "--train.init_from", str(diffusion_ckpt),
+                                               "--net.channels", "16"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "init_from" in err[0], err
+    assert not (run / "ckpt.safetensors").exists()
+
+
+def test_init_from_missing_file(tmp_path: Path, shard_root: Path):
+    with pytest.raises(UserError, match="not found"):
+        tr.train(*tr.parse_args([str(SPECS / "digits_sct.py"),
+                                 *tiny_args(shard_root, tmp_path / "r", 16, "--train.init_from", str(tmp_path / "no"))])[:2])
+
+
+# ----------------------------------------------------------------------------- bad input (true CLI)
+
+
+def test_cli_missing_spec_file(tmp_path: Path):
+    assert_user_error(run_cli("scm_graph.train", tmp_path / "nope.py", cwd=tmp_path), "nope.py")
+
+
+def test_cli_first_arg_must_be_spec(tmp_path: Path):
+    with pytest.raises(UserError):
+        tr.parse_args(["--train.batch", "4"])
+
+
+def test_cli_unknown_field(tmp_path: Path, shard_root: Path):
+    res = run_cli("scm_graph.train", SPECS / "digits_sct.py", *tiny_args(shard_root, tmp_path / "run"),
+                  "--net.chanels", "3", cwd=tmp_path)
+    assert_user_error(res, "chanels")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_ill_typed_override(tmp_path: Path, shard_root: Path):
+    res = run_cli("scm_graph.train", SPECS / "digits_sct.py", *tiny_args(shard_root, tmp_path / "run"),
+                  "--optim.lr", "fast", cwd=tmp_path)
+    assert_user_error(res, "lr")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_missing_shard_dir(tmp_path: Path, shard_root: Path):
+    res = run_cli("scm_graph.train", SPECS / "digits_sct.py", *tiny_args(shard_root, tmp_path / "run"),
+                  "--data.name", "nope", cwd=tmp_path)
+    assert_user_error(res, "nope", "scm_graph.shard")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_truncated_shard(tmp_path: Path, shard_root: Path):
+    root = tmp_path / "shards"
+    shutil.copytree(shard_root / "digits", root / "digits")
+    tars = sorted((root / "digits").glob("*.tar"))
+    data = tars[0].read_bytes()
+    tars[0].write_bytes(data[: len(data) // 2])
+    res = run_cli("scm_graph.train", SPECS / "digits_sct.py", *tiny_args(root, tmp_path / "run"), cwd=tmp_path)
+    assert_user_error(res, tars[0].name, "truncated")
+    assert not (tmp_path / "run" / "ckpt.safetensors").exists()
+
+
+def test_cli_existing_run_without_resume(tmp_path: Path, shard_root: Path, sct_ckpt: Path):
+    run = sct_ckpt.parent
+    before = snapshot(run)
+    res = run_cli("scm_graph.train", SPECS / "digits_sct.py", *tiny_args(shard_root, run, 128), cwd=tmp_path)
+    assert_user_error(res, "--resume", str(run))
+    assert snapshot(run) == before  # ckpt bytes and mtime, metrics and grids untouched
+
+
+def test_cli_resume_without_checkpoint(tmp_path: Path, shard_root: Path):
+    run = tmp_path / "run"
+    res = run_cli("scm_graph.train", SPECS / "digits_sct.py", *tiny_args(shard_root, run), "--resume", cwd=tmp_path)
+    assert_user_error(res, "--resume", "no checkpoint")
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("change,field", [
+    (("--net.channels", "16"), "net.channels"),
+    (("--objective.kind", "diffusion"), "objective.kind"),
+    (("--optim.lr", "0.5"), "optim.lr"),
+    (("--train.batch", "8"), "train.batch"),
+])
+def test_cli_resume_with_changed_field(tmp_path: Path, shard_root: Path, sct_ckpt: Path, change, field):
+    run = sct_ckpt.parent
+    before = snapshot(run)
+    res = run_cli("scm_graph.train", SPECS / "digits_sct.py", *tiny_args(shard_root, run, 128, *change), "--resume",
+                  cwd=tmp_path)
+    assert_user_error(res, field)
+    assert snapshot(run) == before
+
+
+def test_resume_same_folder_other_spelling(tmp_path: Path, shard_root: Path, monkeypatch):
+    run = tmp_path / "run"
+    train_main("digits_diffusion.py", *tiny_args(shard_root, run, 16))
+    monkeypatch.chdir(tmp_path)
+    train_main("digits_diffusion.py", *tiny_args(shard_root, Path("run"), 32), "--resume")  # relative path now
+    assert load_checkpoint(run / "ckpt.safetensors").images == 32
+
+
+def test_fresh_run_does_not_append_to_stale_metrics(tmp_path: Path, shard_root: Path):
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = [{"event": "start", "images": 0, "marker": "stale"}, {"images": 16, "step": 1, "loss": 9.0, "marker": "stale"}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stale))
+    before = (run / "metrics.jsonl").read_bytes()
+    try:
+        train_main("digits_diffusion.py", *tiny_args(shard_root, run, 16))
+    except SystemExit as e:  # refusing with a one-line error is fine too
+        assert e.code == 2 and (run / "metrics.jsonl").read_bytes() == before
+        return
+    recs = read_metrics(run)
+    assert not any(r.get("marker") == "stale" for r in recs)
+    assert [r.get("event") for r in recs].count("start") == 1
