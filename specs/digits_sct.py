@@ -10,12 +10,12 @@ SPEC = Spec(
     optim=OptimSpec(kind="radam", lr=1e-3, betas=(0.9, 0.99), eps=1e-8),
     train=TrainSpec(
         batch=128,
-        total_images=300_000,
+        total_images=256_000,
         ema_halflife_images=20_000,
         ema_rampup=0.05,
         log_every_images=12_800,
-        sample_every_images=100_000,
-        ckpt_every_images=100_000,
-        eval_every_images=100_000,
+        sample_every_images=64_000,
+        ckpt_every_images=64_000,
+        eval_every_images=64_000,
     ),
 )
