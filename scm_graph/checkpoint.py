@@ -116,6 +116,12 @@ def _pack(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return _storable(tensors), metadata
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
     """Write `ckpt` to `path` atomically (temp file + fsync + rename); never clobber other files."""
     path = Path(path)
@@ -133,6 +139,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600; give the usual permissions
         with open(tmp, "rb+") as f:
             f.flush()
             os.fsync(f.fileno())

@@ -168,15 +168,18 @@ def to_uint8(x: Tensor, spec: Spec) -> Tensor:
     return denormalize(x, spec.data, spec.objective.sigma_d).round().clamp(0, 255).to(torch.uint8)
 
 
-def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, min_side: int = 64) -> None:
-    """Save uint8 [N, C, H, W] as one PNG grid; tiny images are upscaled (nearest) to `min_side`."""
+def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, min_side: int = 64, pad: int | None = None) -> None:
+    """Save uint8 [N, C, H, W] as one PNG grid; tiny images are upscaled (nearest) to `min_side`.
+
+    Cells are separated by `pad` white pixels (default: half the upscale factor, at least 1).
+    """
     from PIL import Image
 
     n, c, h, w = images.shape
     nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
     ncol = int(math.ceil(n / nrow))
     scale = max(1, min_side // h)
-    pad = 1
+    pad = max(1, scale // 2) if pad is None else pad
     H, W = h * scale, w * scale
     grid = np.full((ncol * (H + pad) + pad, nrow * (W + pad) + pad, c), 255, dtype=np.uint8)
     imgs = images.permute(0, 2, 3, 1).numpy().repeat(scale, 1).repeat(scale, 2)

@@ -13,7 +13,9 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+import tyro
 
 from scm_graph.errors import UserError
 
@@ -112,8 +114,8 @@ class TrainSpec:
     """If > 0, the half-life is at most this fraction of the images seen so far (EDM's ramp-up)."""
     seed: int = 0
     """Seed for weights, noise, dropout and the data stream."""
-    compile: bool = True
-    """Compile the train step with torch.compile (False runs the same code eagerly)."""
+    compile: Annotated[bool, tyro.conf.arg(aliases=("--compile",))] = True
+    """Compile the train step with torch.compile (False runs the same code eagerly). Alias: --compile."""
     device: str = "auto"
     """'auto' (cuda if present), 'cpu' or 'cuda[:i]'."""
     init_from: str = ""
@@ -221,8 +223,6 @@ def apply_overrides(spec: Spec, args: list[str], prog: str = "scm_graph.train") 
     import contextlib
     import io
 
-    import tyro
-
     bool_flags = _bool_flags(Spec)
     args = [_BOOL_WORDS.get(a.lower(), a) if i and args[i - 1] in bool_flags else a for i, a in enumerate(args)]
     err = io.StringIO()
@@ -243,14 +243,19 @@ def apply_overrides(spec: Spec, args: list[str], prog: str = "scm_graph.train") 
 
 def _bool_flags(cls: type, prefix: str = "") -> set[str]:
     """`--a.b` and `--a-b` spellings of every bool field, so `--train.compile false` works."""
+    import typing
+
     flags: set[str] = set()
+    hints = typing.get_type_hints(cls, include_extras=True)
     for f in dataclasses.fields(cls):
-        name = f"{prefix}{f.name}"
+        name, hint = f"{prefix}{f.name}", hints[f.name]
         sub = _SUBSPECS.get(f.name) if cls is Spec else None
         if sub is not None:
             flags |= _bool_flags(sub, name + ".")
-        elif f.type in (bool, "bool"):
+        elif typing.get_origin(hint) is Annotated and typing.get_args(hint)[0] is bool or hint is bool:
             flags |= {f"--{name}", f"--{name.replace('_', '-')}"}
+            for meta in getattr(hint, "__metadata__", ()):
+                flags |= set(getattr(meta, "aliases", None) or ())
     return flags
 
 

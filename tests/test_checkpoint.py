@@ -292,3 +292,17 @@ def test_optimizer_scalars_nested_tensors_and_tensor_lr(tmp_path: Path) -> None:
     _step(model, opt, 2)
     _step(model2, opt2, 2)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
+
+
+def test_saved_checkpoint_respects_umask(tmp_path):
+    import os
+    import stat
+
+    from scm_graph.spec import Spec, spec_to_json
+
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "c.safetensors", Checkpoint(spec_to_json(Spec()), 0, 0, {"w": torch.zeros(2)}))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "c.safetensors").st_mode) == 0o644

@@ -338,7 +338,7 @@ def test_cli_label_out_of_range(tmp_path: Path, cond_ckpt: Path, capsys, label):
 def test_save_grid_dimensions(tmp_path: Path, n, nrow, c, h, min_side, size):
     imgs = torch.randint(0, 256, (n, c, h, h), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     p = tmp_path / "sub" / "grid.png"
-    save_grid(imgs, p, nrow=nrow, min_side=min_side)
+    save_grid(imgs, p, nrow=nrow, min_side=min_side, pad=1)
     with Image.open(p) as im:
         assert im.size == size and im.mode == ("L" if c == 1 else "RGB")
         arr = np.asarray(im)
@@ -353,6 +353,15 @@ def test_save_grid_dimensions(tmp_path: Path, n, nrow, c, h, min_side, size):
         want = imgs[i].permute(1, 2, 0).numpy().repeat(scale, 0).repeat(scale, 1)
         assert np.array_equal(cell, want), i
     assert (arr[0] == 255).all() and (arr[:, 0] == 255).all()  # white padding
+
+
+def test_save_grid_default_pad_grows_with_upscaling(tmp_path: Path):
+    imgs = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    save_grid(imgs, tmp_path / "g.png", nrow=2, min_side=64)  # x8 upscaling -> 4 px separators
+    with Image.open(tmp_path / "g.png") as im:
+        assert im.size == (2 * 68 + 4, 2 * 68 + 4)
+        arr = np.asarray(im)
+    assert (arr[:4] == 255).all() and (arr[4:68, 4:68] == 0).all()
 
 
 def test_to_uint8_inverts_normalize():
