@@ -183,7 +183,7 @@ def test_cli_subprocess_one_step(tmp_path: Path, sct_ckpt: Path):
     assert res.returncode == 0, res.stderr
     assert "g.png" in res.stdout and res.stderr == ""
     with Image.open(tmp_path / "g.png") as im:
-        assert im.size == (4 * 65 + 1, 4 * 65 + 1) and im.mode == "L"  # 16 images, 4 per row, 8 px -> 64 px
+        assert im.size == (4 * 68 + 4, 4 * 68 + 4) and im.mode == "L"  # 16 images, 4 per row, 8 px -> 64 px, 4 px pad
 
 
 def test_cli_consistency_options(tmp_path: Path, sct_ckpt: Path):
@@ -231,7 +231,7 @@ def test_cli_diffusion_solvers(tmp_path: Path, diffusion_ckpt: Path):
         res[solver] = _npz(tmp_path / f"{solver}.npz")
         assert res[solver]["samples"].shape == (8, 1, 8, 8) and np.isfinite(res[solver]["x"]).all()
         with Image.open(tmp_path / f"{solver}.png") as im:
-            assert im.size == (3 * 65 + 1, 3 * 65 + 1)
+            assert im.size == (3 * 68 + 4, 3 * 68 + 4)
     assert not np.array_equal(res["euler"]["x"], res["heun"]["x"])
     g = load_generator(diffusion_ckpt)
     assert not g.is_consistency

@@ -238,7 +238,8 @@ def test_smoke_run(tmp_path: Path, shard_root: Path, name: str):
     grids = sorted((run / "grids").glob("*.png"))
     assert [g.name for g in grids] == [f"grid-{16 * steps:012d}.png"]
     with Image.open(grids[0]) as im:
-        assert im.size == (521, 521)  # 64 samples, 8 per row, each upscaled to 64 px, 1 px padding
+        # 64 samples, 8 per row, upscaled to 64 px: digits x8 with 4 px padding, 32 px images x2 with 1 px
+        assert im.size == ((548, 548) if digits else (521, 521))
         assert im.mode == ("L" if digits else "RGB")
 
 
