@@ -20,7 +20,7 @@ from scm_graph.errors import ArgumentParser, UserError, cli_main
 from scm_graph.model import build_model, num_params
 from scm_graph.objectives import StepInputs
 from scm_graph.sample import pick_device
-from scm_graph.spec import DataSpec, Spec, read_spec_file
+from scm_graph.spec import Spec, read_spec_file
 from scm_graph.step import TrainStep
 
 

@@ -62,9 +62,11 @@ class Meter:
     n: int = 0
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.inner_edges = torch.tensor(T_BUCKETS[1:-1], device=self.device)  # built once, not per step
+
     def add(self, out: StepOut, t: torch.Tensor) -> None:
-        edges = torch.tensor(T_BUCKETS, device=t.device)
-        idx = (torch.bucketize(t.float(), edges[1:-1])).long()
+        idx = torch.bucketize(t.float(), self.inner_edges).long()
         nb = len(T_BUCKETS) - 1
         vals = {
             "loss": out.loss.float(),
@@ -97,14 +99,12 @@ def is_digits(spec: Spec) -> bool:
 
 
 def evaluate_fd(g: Generator, n: int, seed: int = 0) -> dict[str, float]:
-    """FD in the digits classifier's feature space: 1- and 2-step (consistency) or Heun 32 (diffusion)."""
-    from scm_graph.fd import digits_fd
+    """Digits FD of 1- and 2-step samples (consistency) or 32-step Heun (diffusion), via scm_graph.eval."""
+    from scm_graph.eval import evaluate
 
-    res = {}
-    settings = [(1, "fd_1step"), (2, "fd_2step")] if g.is_consistency else [(32, "fd_heun32")]
-    for steps, name in settings:
-        res[name] = digits_fd(to_uint8(generate(g, n, steps=steps, seed=seed), g.spec))
-    return res
+    if g.is_consistency:
+        return {f"fd_{r.steps}step": r.fd for r in evaluate(g, [1, 2], n, seed=seed)}
+    return {f"fd_heun{r.steps}": r.fd for r in evaluate(g, [32], n, solver="heun", seed=seed)}
 
 
 class Run:

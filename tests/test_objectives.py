@@ -3,7 +3,6 @@
 import dataclasses
 import math
 
-import pytest
 import torch
 from torch.func import functional_call, jvp
 
