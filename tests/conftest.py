@@ -1,3 +1,9 @@
+import os
+
+# Triton kernels run in its interpreter on CPU; triton reads this when a kernel is decorated,
+# so it must be set before scm_graph.ops imports them.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 

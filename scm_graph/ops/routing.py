@@ -1,0 +1,156 @@
+"""The one attention function every network calls, and the fused JVP op behind it.
+
+`attention(q, k, v)` is ordinary softmax attention on (batch, heads, seq, head_dim) tensors. When it
+runs under forward-mode AD (`torch.func.jvp`, eager or inside `torch.compile`), it unpacks the dual
+inputs itself and calls the fused op `scm_graph::attention_jvp`, which returns O and its tangent dO
+in one pass with O(N) memory, and re-packs (O, dO) as a dual tensor. Routing at the Python level
+avoids two silent PyTorch traps (DESIGN.md sec. 5): Dynamo ignoring a custom autograd.Function.jvp,
+and forward AD through a custom op yielding zero tangents. Outside forward AD it calls
+`F.scaled_dot_product_attention`, whose fused kernels (flash on GPU) serve the gradient pass.
+
+Backends (`SCM_ATTENTION` or `use_backend`): 'auto' runs the Triton kernels on CUDA and the math
+fallback elsewhere; 'triton' forces the kernels (on CPU only under TRITON_INTERPRET=1); 'math' forces
+the fallback. The choice is read when the op *runs*, so it applies inside compiled graphs too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import Counter
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import Tensor
+
+from scm_graph.errors import UserError
+from scm_graph.ops import math_ref
+
+BACKENDS = ("auto", "triton", "math")
+_state = {"backend": os.environ.get("SCM_ATTENTION", "auto")}
+
+# Runtime call counts per (op, backend). Incremented when the op executes, so they also count calls
+# made from compiled graphs; tests use them to prove the fused op produced the tangent.
+calls: Counter[str] = Counter()
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Temporarily select the attention backend ('auto', 'triton' or 'math')."""
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    old, _state["backend"] = _state["backend"], name
+    try:
+        yield
+    finally:
+        _state["backend"] = old
+
+
+def _kernels():
+    """The Triton module if it can run on these tensors' device, else None."""
+    try:
+        from scm_graph.ops import triton_attention
+    except ImportError:
+        return None
+    return triton_attention
+
+
+def _use_triton(x: Tensor) -> bool:
+    backend = _state["backend"]
+    if backend not in BACKENDS:
+        raise UserError(f"SCM_ATTENTION={backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "math":
+        return False
+    tk = _kernels() if (x.is_cuda or backend == "triton") else None
+    ok = tk is not None and (x.is_cuda or (tk.INTERPRET and x.device.type == "cpu")) and x.dtype != torch.float64
+    if backend == "triton" and not ok:
+        raise RuntimeError("attention backend 'triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU), not float64")
+    return ok
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention wants (batch, heads, seq, head_dim) tensors, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"attention shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+
+
+@torch.library.custom_op("scm_graph::attention_jvp", mutates_args=())
+def attention_jvp_op(q: Tensor, k: Tensor, v: Tensor, dq: Tensor, dk: Tensor, dv: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(O, dO, LSE) of softmax(scale Q K^T) V along tangents (dQ, dK, dV), one fused pass."""
+    if _use_triton(q):
+        calls["jvp:triton"] += 1
+        return _kernels().fwd_jvp(q, k, v, dq, dk, dv, scale)
+    calls["jvp:math"] += 1
+    return math_ref.fwd_jvp(q, k, v, dq, dk, dv, scale)
+
+
+@attention_jvp_op.register_fake
+def _(q, k, v, dq, dk, dv, scale):
+    o = q.new_empty(q.shape)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return o, q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=lse_dtype)
+
+
+@torch.library.custom_op("scm_graph::attention_bwd", mutates_args=())
+def attention_bwd_op(grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of <grad_o, O> w.r.t. (Q, K, V) from the saved O and LSE."""
+    if _use_triton(q):
+        calls["bwd:triton"] += 1
+        return _kernels().bwd(grad_o.contiguous(), q, k, v, o, lse, scale)
+    calls["bwd:math"] += 1
+    return math_ref.bwd(grad_o, q, k, v, o, lse, scale)
+
+
+@attention_bwd_op.register_fake
+def _(grad_o, q, k, v, o, lse, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, _, _, _, scale = inputs
+    o, _, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.scale = scale
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_o, grad_do, grad_lse):
+    # Backward of O only: the tangent dO and the LSE are treated as outputs without gradient
+    # (Algorithm 1 detaches them). Asking for their gradient is an error, not a silent zero.
+    if grad_do is not None or grad_lse is not None:
+        raise RuntimeError("scm_graph attention_jvp: gradients through the tangent dO or the LSE are not implemented")
+    q, k, v, o, lse = ctx.saved_tensors
+    if grad_o is None:
+        return (None,) * 7
+    dq, dk, dv = attention_bwd_op(grad_o, q, k, v, o, lse, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+attention_jvp_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def jvp_attention(q: Tensor, k: Tensor, v: Tensor, dq: Tensor, dk: Tensor, dv: Tensor, scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """O = softmax(scale Q K^T) V and its tangent dO for tangents (dQ, dK, dV); default scale 1/sqrt(D)."""
+    _check(q, k, v)
+    for x, d in ((q, dq), (k, dk), (v, dv)):
+        if d.shape != x.shape:
+            raise ValueError(f"tangent shape {tuple(d.shape)} does not match its primal {tuple(x.shape)}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    o, do, _ = attention_jvp_op(q, k, v, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), scale)
+    return o, do
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+    """softmax(scale Q K^T) V; under forward AD the tangent comes from the fused JVP op."""
+    _check(q, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    (qp, dq), (kp, dk), (vp, dv) = fwAD.unpack_dual(q), fwAD.unpack_dual(k), fwAD.unpack_dual(v)
+    if dq is None and dk is None and dv is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    dq = torch.zeros_like(qp) if dq is None else dq
+    dk = torch.zeros_like(kp) if dk is None else dk
+    dv = torch.zeros_like(vp) if dv is None else dv
+    o, do, _ = attention_jvp_op(qp, kp, vp, dq, dk, dv, scale)
+    return fwAD.make_dual(o, do)

@@ -1,0 +1,270 @@
+"""scm_graph.ops: the fused attention JVP, its backward, and its routing under torch.func.jvp / torch.compile.
+
+References are independent of the code under test: forward-mode and reverse-mode autograd of plain
+softmax attention in float64. The Triton kernels run under TRITON_INTERPRET=1 (set in conftest).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call, jvp
+
+from scm_graph.ops import attention, calls, jvp_attention, math_ref, use_backend
+from scm_graph.ops import triton_attention as ta
+
+SHAPES = [  # (B, H, Nq, Nk, D): ragged lengths, Nq != Nk, tiny and padded head dims
+    (1, 2, 37, 37, 32),
+    (2, 1, 16, 50, 64),
+    (1, 1, 5, 3, 128),
+    (1, 1, 20, 20, 48),
+    (1, 1, 1, 17, 16),
+]
+
+
+def ref_attention(q, k, v, scale):
+    return torch.softmax(scale * q @ k.transpose(-1, -2), dim=-1) @ v
+
+
+def ref_all(q, k, v, dq, dk, dv, g, scale):
+    """float64 (O, dO, LSE, dQ, dK, dV) by autograd of math attention."""
+    q, k, v = (x.detach().double().requires_grad_() for x in (q, k, v))
+    o, do = jvp(lambda q, k, v: ref_attention(q, k, v, scale), (q, k, v), (dq.double(), dk.double(), dv.double()))
+    lse = torch.logsumexp(scale * q @ k.transpose(-1, -2), dim=-1)
+    grads = torch.autograd.grad(o, (q, k, v), g.double())
+    return [o.detach(), do.detach(), lse.detach(), *grads]
+
+
+def inputs(B, H, Nq, Nk, D, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(B, H, n, D) for n in (Nq, Nk, Nk, Nq, Nk, Nk, Nq)]
+    return [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+
+
+def rel(a, b):
+    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def run_impl(impl, q, k, v, dq, dk, dv, g, scale):
+    o, do, lse = impl.fwd_jvp(q, k, v, dq, dk, dv, scale)
+    grads = impl.bwd(g, q, k, v, o, lse, scale)
+    return [o, do, lse, *grads]
+
+
+NAMES = ["O", "dO", "LSE", "dQ", "dK", "dV"]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_math_fallback_matches_autograd_float64(shape):
+    x = inputs(*shape, dtype=torch.float64)
+    scale = shape[-1] ** -0.5
+    got = run_impl(math_ref, *x, scale)
+    for name, a, b in zip(NAMES, got, ref_all(*x, scale)):
+        assert rel(a, b) < 1e-12, name
+
+
+def test_reference_jvp_matches_finite_difference():
+    """The autograd reference itself, against a central difference of math attention in float64."""
+    q, k, v, dq, dk, dv, _ = inputs(1, 2, 9, 11, 8, dtype=torch.float64)
+    scale, h = 8**-0.5, 1e-6
+    fd = (ref_attention(q + h * dq, k + h * dk, v + h * dv, scale) - ref_attention(q - h * dq, k - h * dk, v - h * dv, scale)) / (2 * h)
+    _, do = jvp(lambda q, k, v: ref_attention(q, k, v, scale), (q, k, v), (dq, dk, dv))
+    assert rel(do, fd) < 1e-8
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+def test_triton_kernel_matches_float64_reference(shape, dtype, tol):
+    """Interpreter run of the kernels vs float64 autograd; half inputs compared to the float64 truth."""
+    x = inputs(*shape)
+    scale = shape[-1] ** -0.5
+    got = run_impl(ta, *(t.to(dtype) for t in x), scale)
+    for name, a, b in zip(NAMES, got, ref_all(*x, scale)):
+        assert a.dtype == (torch.float32 if name == "LSE" else dtype)
+        assert torch.isfinite(a).all(), name
+        assert rel(a, b) < tol, (name, rel(a, b))
+
+
+def test_triton_kernel_without_tangents_is_the_flash_forward():
+    q, k, v, *_ = inputs(1, 1, 21, 21, 32)
+    o, do, lse = ta.fwd_jvp(q, k, v, None, None, None, 32**-0.5)
+    assert do is None
+    assert rel(o, ref_attention(q.double(), k.double(), v.double(), 32**-0.5)) < 1e-6
+
+
+@pytest.mark.parametrize("impl", [math_ref, ta], ids=["math", "triton"])
+def test_degenerate_rows_never_nan(impl):
+    """Huge logits (one-hot rows), tangents that shift every logit alike, and no keys at all."""
+    q, k, v, dq, dk, dv, g = inputs(1, 1, 19, 23, 16)
+    q = q * 300.0  # |S| ~ 1e3: softmax rows are one-hot up to float32
+    got = run_impl(impl, q, k, v, dq, dk, dv, g, 0.25)
+    for name, a, b in zip(NAMES, got, ref_all(q, k, v, dq, dk, dv, g, 0.25)):
+        assert torch.isfinite(a).all(), name
+        assert (a.double() - b).abs().max() < 1e-3 * (1 + b.abs().max()), name
+    # dQ = q: dS is a multiple of S, mu is large and dO is a difference of big terms
+    q, k, v, _, dk, dv, g = inputs(1, 1, 19, 23, 16, seed=1)
+    got = run_impl(impl, q, k, v, q, torch.zeros_like(k), dv, g, 0.25)
+    for name, a, b in zip(NAMES, got, ref_all(q, k, v, q, torch.zeros_like(k), dv, g, 0.25)):
+        assert rel(a, b) < 1e-5, name
+    empty = torch.zeros(1, 1, 0, 16)
+    o, do, lse = impl.fwd_jvp(q, empty, empty, q, empty, empty, 0.25)
+    assert (o == 0).all() and (do == 0).all() and not torch.isnan(lse).any()
+
+
+def test_jvp_attention_api():
+    q, k, v, dq, dk, dv, _ = inputs(2, 2, 7, 7, 16)
+    o, do = jvp_attention(q, k, v, dq, dk, dv)  # default scale 1/sqrt(D)
+    o_ref, do_ref, *_ = ref_all(q, k, v, dq, dk, dv, q, 16**-0.5)
+    assert rel(o, o_ref) < 1e-6 and rel(do, do_ref) < 1e-6
+    o2, _ = jvp_attention(q, k, v, dq, dk, dv, scale=0.1)
+    assert rel(o2, ref_attention(q.double(), k.double(), v.double(), 0.1)) < 1e-6
+    with pytest.raises(ValueError, match="tangent shape"):
+        jvp_attention(q, k, v, dq[:, :, :3], dk, dv)
+    with pytest.raises(ValueError, match="batch, heads, seq, head_dim"):
+        jvp_attention(q[0], k[0], v[0], dq[0], dk[0], dv[0])
+    with pytest.raises(ValueError, match="do not match"):
+        attention(q, k[..., :8], v)
+
+
+def test_backend_selection():
+    q, k, v, dq, dk, dv, _ = inputs(1, 1, 5, 5, 16)
+    before = calls.copy()
+    with use_backend("triton"):
+        jvp_attention(q, k, v, dq, dk, dv)
+    with use_backend("math"):
+        jvp_attention(q, k, v, dq, dk, dv)
+    jvp_attention(q, k, v, dq, dk, dv)  # auto on CPU: the math fallback, even under the interpreter
+    assert calls["jvp:triton"] - before["jvp:triton"] == 1
+    assert calls["jvp:math"] - before["jvp:math"] == 2
+    with pytest.raises(ValueError, match="backend"), use_backend("cudnn"):
+        pass
+    with use_backend("triton"), pytest.raises(RuntimeError, match="float64"):
+        jvp_attention(*(x.double() for x in (q, k, v, dq, dk, dv)))
+
+
+# -------------------------------------------------------------------------------------------------
+# Routing: under torch.func.jvp the tangent through `attention` comes from the fused op.
+
+
+class TinyAttn(torch.nn.Module):
+    """x -> attention(qkv(x)) (* x if gate), tokens [B, N, C], two heads."""
+
+    def __init__(self, attn_fn, c=8):
+        super().__init__()
+        self.qkv = torch.nn.Linear(c, 3 * c)
+        self.attn_fn = attn_fn
+        self.gate = True
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4)  # [3, B, H, N, D]
+        y = self.attn_fn(q, k, v).transpose(1, 2).flatten(2)
+        return y * x if self.gate else y
+
+
+def _pair(dtype=torch.float64):
+    torch.manual_seed(0)
+    fused = TinyAttn(attention).to(dtype)
+    ref = TinyAttn(lambda q, k, v: ref_attention(q, k, v, q.shape[-1] ** -0.5)).to(dtype)
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 11, 8, dtype=dtype)
+    return fused, ref, x, torch.randn_like(x)
+
+
+def _jvp_of(model, params, x, dx):
+    return jvp(lambda x: functional_call(model, params, (x,)), (x,), (dx,))
+
+
+def test_eager_jvp_routes_through_fused_op_and_matches_reference():
+    fused, ref, x, dx = _pair()
+    params = {k: p.detach() for k, p in fused.named_parameters()}
+    n = calls["jvp:math"]
+    out, tangent = _jvp_of(fused, params, x, dx)
+    assert calls["jvp:math"] == n + 1
+    out_ref, tangent_ref = _jvp_of(ref, params, x, dx)
+    assert rel(out, out_ref) < 1e-12 and rel(tangent, tangent_ref) < 1e-12
+    # outside forward AD the layer is plain attention (SDPA) and the fused op is not called
+    assert rel(fused(x), out_ref) < 1e-12 and calls["jvp:math"] == n + 1
+
+
+def test_gradient_through_fused_primal_and_error_through_tangent():
+    """JVP on grad-tracking weights: O's backward uses the saved LSE; dO has no gradient (loudly)."""
+    fused, ref, x, dx = _pair()
+    p1 = {k: p.detach().requires_grad_() for k, p in fused.named_parameters()}
+    p2 = {k: p.detach().requires_grad_() for k, p in fused.named_parameters()}
+    n = calls["bwd:math"]
+    out, tangent = _jvp_of(fused, p1, x, dx)
+    g1 = torch.autograd.grad(out.square().sum(), list(p1.values()))
+    out_ref, _ = _jvp_of(ref, p2, x, dx)
+    g2 = torch.autograd.grad(out_ref.square().sum(), list(p2.values()))
+    assert calls["bwd:math"] == n + 1
+    for a, b in zip(g1, g2):
+        assert rel(a, b) < 1e-10
+    out, tangent = _jvp_of(fused, p1, x, dx)
+    with pytest.raises(RuntimeError, match="tangent dO"):
+        torch.autograd.grad(tangent.sum(), list(p1.values()))
+
+
+@pytest.mark.slow
+def test_compiled_jvp_tangent_comes_from_fused_op(monkeypatch):
+    """Inside torch.compile(fullgraph=True) the tangent is produced by the op at run time.
+
+    Proof by a deliberately different fallback: after compiling, swap the op's implementation for
+    one returning 2 dO. The already-compiled function (no recompile: the swap is invisible to
+    Dynamo) must return exactly twice the tangent. Had Dynamo differentiated some other graph, the
+    swap could not change the answer. The run-time call counter must advance too.
+    """
+    torch._dynamo.reset()
+    fused, ref, x, dx = _pair(torch.float32)
+    fused.gate = False  # F = attention(qkv(x)): its whole tangent is the op's dO
+    params = {k: p.detach() for k, p in fused.named_parameters()}
+
+    def f(params, x, dx):
+        return _jvp_of(fused, params, x, dx)
+
+    compiled = torch.compile(f, fullgraph=True)
+    n = calls["jvp:math"]
+    out_c, tan_c = compiled(params, x, dx)
+    assert calls["jvp:math"] == n + 1
+    out_e, tan_e = f(params, x, dx)
+    assert torch.allclose(out_c, out_e, atol=1e-6) and torch.allclose(tan_c, tan_e, atol=1e-6)
+    assert tan_e.abs().max() > 1e-2
+
+    real = math_ref.fwd_jvp
+
+    def doubled(*a):
+        o, do, lse = real(*a)
+        return o, 2 * do, lse
+
+    monkeypatch.setattr(math_ref, "fwd_jvp", doubled)  # the op looks it up when it runs
+    out_2, tan_2 = compiled(params, x, dx)
+    assert calls["jvp:math"] == n + 3  # the eager call above, then the compiled one
+    assert torch.allclose(out_2, out_c)
+    assert torch.allclose(tan_2, 2 * tan_c, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["math", "triton"])
+def test_compiled_matches_eager_tangents_and_gradients(backend):
+    """jvp tangent and the gradient of a loss through attention: compiled (fullgraph) == eager."""
+    torch._dynamo.reset()
+    fused, ref, x, dx = _pair(torch.float32)
+    params = {k: p.detach().requires_grad_() for k, p in fused.named_parameters()}
+
+    def step(params, x, dx):
+        detached = {k: p.detach() for k, p in params.items()}
+        out, tangent = _jvp_of(fused, detached, x, dx)
+        y = functional_call(fused, params, (x,))
+        loss = (y - out - tangent.detach()).square().mean() + y.square().mean()
+        return loss, tangent
+
+    with use_backend(backend):
+        n = calls[f"jvp:{backend}"]
+        loss_e, tan_e = step(params, x, dx)
+        grads_e = torch.autograd.grad(loss_e, list(params.values()))
+        loss_c, tan_c = torch.compile(step, fullgraph=True)(params, x, dx)
+        grads_c = torch.autograd.grad(loss_c, list(params.values()))
+        assert calls[f"jvp:{backend}"] == n + 2
+    assert torch.allclose(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(tan_c, tan_e, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads_c, grads_e):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
