@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from scm_graph import trigflow
+from scm_graph.nets.dit import DiT
 from scm_graph.nets.layers import PositionalEmbedding
 from scm_graph.nets.unet import UNet
 from scm_graph.spec import Spec
@@ -40,21 +41,42 @@ class TrigFlowModel(nn.Module):
 
 
 def build_model(spec: Spec) -> TrigFlowModel:
-    """Build from a *resolved* spec (data shape fields filled)."""
+    """Build from a *resolved* spec (data shape fields filled); `spec.net.arch` picks the backbone."""
     d, n = spec.data, spec.net
     if not d.resolution or not d.channels:
         raise ValueError("build_model needs a resolved spec (data.resolution / data.channels)")
-    net = UNet(
-        d.resolution,
-        d.channels,
-        channels=n.channels,
-        channel_mult=tuple(n.channel_mult),
-        num_blocks=n.num_blocks,
-        dropout=n.dropout,
-        emb_mult=n.emb_mult,
-        num_classes=d.num_classes if n.class_conditional else 0,
-        norm_groups=n.norm_groups,
-    )
+    num_classes = d.num_classes if n.class_conditional else 0
+    net: nn.Module
+    if n.arch == "dit":
+        net = DiT(
+            d.resolution,
+            d.channels,
+            width=n.channels,
+            depth=n.depth,
+            patch_size=n.patch_size,
+            head_dim=n.head_dim,
+            mlp_ratio=n.mlp_ratio,
+            dropout=n.dropout,
+            emb_mult=n.emb_mult,
+            num_classes=num_classes,
+            guidance_conditional=False,  # sCD (which supplies the guidance scale) is not built yet
+        )
+    elif n.arch == "unet":
+        net = UNet(
+            d.resolution,
+            d.channels,
+            channels=n.channels,
+            channel_mult=tuple(n.channel_mult),
+            num_blocks=n.num_blocks,
+            dropout=n.dropout,
+            emb_mult=n.emb_mult,
+            num_classes=num_classes,
+            norm_groups=n.norm_groups,
+            attn_resolutions=tuple(n.attn_resolutions),
+            head_dim=n.head_dim,
+        )
+    else:
+        raise ValueError(f"unknown net.arch {n.arch!r}: expected 'unet' or 'dit'")
     return TrigFlowModel(net, AdaptiveWeight())
 
 

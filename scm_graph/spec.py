@@ -48,16 +48,16 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class NetSpec:
-    arch: Literal["unet"] = "unet"
-    """Backbone. A DDPM++-style U-Net with positional time embedding and adaptive double normalisation."""
+    arch: Literal["unet", "dit"] = "unet"
+    """Backbone: 'unet' (DDPM++-style U-Net) or 'dit' (DiT transformer on patches); both with positional time embedding and adaptive double normalisation."""
     channels: int = 128
-    """Base channel count (DDPM++ CIFAR-10: 128)."""
+    """Base channel count (DDPM++ CIFAR-10: 128); the token width for the DiT."""
     channel_mult: tuple[int, ...] = (2, 2, 2)
-    """Channel multiplier per resolution level (DDPM++ CIFAR-10: 2 2 2)."""
+    """Channel multiplier per resolution level (DDPM++ CIFAR-10: 2 2 2). U-Net only."""
     num_blocks: int = 4
-    """Residual blocks per resolution level (DDPM++ CIFAR-10: 4)."""
+    """Residual blocks per resolution level (DDPM++ CIFAR-10: 4). U-Net only."""
     attn_resolutions: tuple[int, ...] = ()
-    """Resolutions with self-attention blocks (not available yet; must stay empty)."""
+    """U-Net resolutions with self-attention after each residual block (DDPM++ CIFAR-10: 16; EDM2: 16 8); non-empty also puts one in the middle."""
     dropout: float = 0.0
     """Dropout probability inside residual blocks."""
     emb_mult: int = 4
@@ -65,7 +65,15 @@ class NetSpec:
     class_conditional: bool = False
     """Condition on the class label (needs labelled shards)."""
     norm_groups: int = 32
-    """Group-norm groups (capped at channels // 4)."""
+    """Group-norm groups (capped at channels // 4). U-Net only."""
+    head_dim: int = 64
+    """Attention head width (U-Net attention blocks and DiT): heads = width // head_dim."""
+    patch_size: int = 2
+    """DiT patch side; the image resolution must be divisible by it."""
+    depth: int = 12
+    """DiT transformer blocks."""
+    mlp_ratio: float = 4.0
+    """DiT MLP hidden width as a multiple of the token width (channels)."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +126,8 @@ class TrainSpec:
     """Compile the train step with torch.compile (False runs the same code eagerly). Alias: --compile."""
     device: str = "auto"
     """'auto' (cuda if present), 'cpu' or 'cuda[:i]'."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast dtype of the train step; fp16 uses a dynamic loss scaler. Weights and optimiser state stay fp32."""
     init_from: str = ""
     """Initialise the network (and w_phi) from this checkpoint's EMA weights, e.g. a diffusion teacher."""
     out: str = ""
@@ -303,9 +313,26 @@ def validate(spec: Spec) -> None:
     t = spec.train
     if t.batch <= 0 or t.total_images <= 0:
         raise UserError("train.batch and train.total_images must be positive")
-    if spec.net.attn_resolutions:
-        raise UserError("net.attn_resolutions: attention blocks are not available yet; leave it empty")
+    _validate_net(spec)
     if not 0.0 <= spec.net.dropout < 1.0:
         raise UserError("net.dropout must be in [0, 1)")
     if spec.objective.sigma_d <= 0 or not math.isfinite(spec.objective.sigma_d):
         raise UserError("objective.sigma_d must be positive")
+
+
+def _validate_net(spec: Spec) -> None:
+    """Network shape checks, done by the networks' own config checks (ValueError -> one-line UserError)."""
+    n, resolution = spec.net, spec.data.resolution
+    if n.head_dim <= 0 or n.patch_size <= 0 or n.depth <= 0 or not n.mlp_ratio > 0:
+        raise UserError("net.head_dim, net.patch_size, net.depth and net.mlp_ratio must be positive")
+    try:
+        if n.arch == "dit":  # resolution 0 (not resolved yet) skips the patch check
+            from scm_graph.nets.dit import check_config as check_dit
+
+            check_dit(resolution, n.channels, n.patch_size, n.head_dim)
+        elif resolution:  # U-Net levels depend on the resolution: checked once the spec is resolved
+            from scm_graph.nets.unet import check_config as check_unet
+
+            check_unet(resolution, n.channels, tuple(n.channel_mult), tuple(n.attn_resolutions), n.head_dim)
+    except ValueError as e:
+        raise UserError(f"net.{e}") from None

@@ -2,8 +2,8 @@
 
 sigma_d 0.5, P_mean -1.0, P_std 1.4, RAdam lr 1e-4 betas (0.9, 0.99) eps 1e-8, no lr schedule, batch 512,
 dropout 0.20, tangent normalisation c = 0.1, tangent warmup H = 10k iterations, EMA half-life 0.5 Mimg,
-DDPM++ network with positional time embedding and adaptive double normalisation. The paper initialises
-sCT from a diffusion model: pass `--train.init_from runs/cifar10_diffusion/ckpt.safetensors`.
+DDPM++ network (self-attention at 16x16) with positional time embedding and adaptive double normalisation.
+The paper initialises sCT from a diffusion model: pass `--train.init_from runs/cifar10_diffusion/ckpt.safetensors`.
 """
 
 import dataclasses

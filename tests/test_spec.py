@@ -197,6 +197,17 @@ def test_json_round_trip_defaults():
     assert spec_from_json(spec_to_json(Spec())) == Spec()
 
 
+def test_json_without_newer_net_fields_fills_defaults(sct: Spec):
+    """Checkpoints written before the DiT / attention fields existed still load."""
+    import json
+
+    d = json.loads(spec_to_json(sct))
+    for k in ("arch", "head_dim", "patch_size", "depth", "mlp_ratio"):
+        d["net"].pop(k)
+    old = spec_from_json(json.dumps(d))
+    assert old == sct and old.net.arch == "unet" and old.net.head_dim == 64
+
+
 # ----------------------------------------------------------------------------- bad spec files
 
 
@@ -289,7 +300,13 @@ def test_resolve_rejects_mismatches(sct: Spec, args, shape, classes, needle):
 @pytest.mark.parametrize("args,needle", [
     (["--train.batch", "0"], "batch"),
     (["--train.total_images", "-1"], "total_images"),
-    (["--net.attn_resolutions", "16"], "attn_resolutions"),
+    (["--data.resolution", "8", "--net.attn_resolutions", "16"], "attn_resolutions"),
+    (["--data.resolution", "8", "--net.attn_resolutions", "4", "--net.head_dim", "20"], "head_dim"),  # 64 // 20 = 3 heads
+    (["--data.resolution", "6", "--net.channel_mult", "1", "2", "2"], "channel_mult"),
+    (["--net.arch", "dit", "--net.head_dim", "24"], "head_dim"),
+    (["--net.arch", "dit", "--net.head_dim", "16", "--data.resolution", "8", "--net.patch_size", "3"], "patch_size"),
+    (["--net.patch_size", "0"], "patch_size"),
+    (["--net.depth", "0"], "depth"),
     (["--net.dropout", "1.0"], "dropout"),
     (["--objective.sigma_d", "0"], "sigma_d"),
     (["--objective.sigma_d", "nan"], "sigma_d"),

@@ -24,9 +24,9 @@ class PositionalEmbedding(nn.Module):
         return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1)
 
 
-def pnorm(v: Tensor, eps: float = 1e-4) -> Tensor:
-    """Pixel norm over channels: v / sqrt(mean(v^2) + eps) (sCM Sec. 4.1)."""
-    return v * torch.rsqrt(v.square().mean(dim=1, keepdim=True) + eps)
+def pnorm(v: Tensor, eps: float = 1e-4, dim: int = 1) -> Tensor:
+    """Pixel norm over channels (`dim`; -1 for token tensors [B, N, C]): v / sqrt(mean(v^2) + eps) (sCM Sec. 4.1)."""
+    return v * torch.rsqrt(v.square().mean(dim=dim, keepdim=True) + eps)
 
 
 def group_norm(x: Tensor, groups: int, eps: float = 1e-5) -> Tensor:

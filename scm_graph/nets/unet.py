@@ -2,8 +2,10 @@
 
 Changes from DDPM++ (Song et al. 2021): identity c_noise(t) = t fed to a positional embedding,
 adaptive double normalisation instead of AdaGN, affine-free group norm. Resampling is 2x2 average
-pooling / nearest upsampling. Attention blocks will slot in after residual blocks at
-`attn_resolutions` (see `ResBlock.attn`); none are built yet.
+pooling / nearest upsampling. Self-attention (`nets.attention.SelfAttention2d`, heads of width
+`head_dim`) follows every non-resampling residual block, encoder and decoder, whose resolution is in
+`attn_resolutions`, and the first middle block whenever `attn_resolutions` is non-empty (DDPM++ layout;
+CIFAR-10 uses 16, EDM2 16 and 8).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scm_graph.nets import layers
+from scm_graph.nets.attention import SelfAttention2d, num_heads
 from scm_graph.nets.layers import AdaptiveDoubleNorm, KeyedDropout, PositionalEmbedding, group_norm
 
 
@@ -40,7 +43,7 @@ class ResBlock(nn.Module):
         self.skip = None
         if in_channels != out_channels:
             self.skip = nn.Conv2d(in_channels, out_channels, 1)
-        # Seam for issue 3: an attention block applied to this block's output at chosen resolutions.
+        # Attention applied to this block's output, called as attn(out, emb); set by UNet.
         self.attn: nn.Module | None = None
 
     def _resample(self, x: Tensor) -> Tensor:
@@ -64,6 +67,28 @@ class ResBlock(nn.Module):
         return out
 
 
+def check_config(
+    img_resolution: int,
+    channels: int,
+    channel_mult: tuple[int, ...],
+    attn_resolutions: tuple[int, ...],
+    head_dim: int,
+) -> list[bool]:
+    """Per level, whether it has attention; one-line ValueError (naming the NetSpec field) on a bad config."""
+    levels = len(channel_mult)
+    if img_resolution % (2 ** (levels - 1)):
+        raise ValueError(f"channel_mult: resolution {img_resolution} not divisible by 2^{levels - 1}")
+    res = [img_resolution // 2**level for level in range(levels)]  # resolution of each level
+    unreachable = sorted(set(attn_resolutions) - set(res), reverse=True)
+    if unreachable:
+        raise ValueError(f"attn_resolutions: {unreachable} never reached by the U-Net (its resolutions: {res})")
+    has_attn = [r in attn_resolutions for r in res]
+    for level, mult in enumerate(channel_mult):
+        if has_attn[level] or (attn_resolutions and level == levels - 1):  # the middle block has attention too
+            num_heads(channels * mult, head_dim)
+    return has_attn
+
+
 class UNet(nn.Module):
     """F(x, c_noise, class_labels): [B, C, H, W] -> [B, C, H, W]."""
 
@@ -79,10 +104,11 @@ class UNet(nn.Module):
         emb_mult: int = 4,
         num_classes: int = 0,
         norm_groups: int = 32,
+        attn_resolutions: tuple[int, ...] = (),
+        head_dim: int = 64,
     ):
         super().__init__()
-        if img_resolution % (2 ** (len(channel_mult) - 1)):
-            raise ValueError(f"resolution {img_resolution} not divisible by 2^{len(channel_mult) - 1}")
+        has_attn = check_config(img_resolution, channels, tuple(channel_mult), tuple(attn_resolutions), head_dim)
         emb_ch = channels * emb_mult
         self.num_classes = num_classes
         self.map_noise = PositionalEmbedding(channels)
@@ -92,6 +118,12 @@ class UNet(nn.Module):
 
         salt = iter(range(1, 1 << 20))
         blk = dict(emb_channels=emb_ch, dropout=dropout, groups=norm_groups)
+
+        def with_attn(block: ResBlock, ch: int, on: bool) -> ResBlock:
+            if on:
+                block.attn = SelfAttention2d(ch, head_dim, norm_groups)
+            return block
+
         self.conv_in = nn.Conv2d(img_channels, channels * channel_mult[0], 3, padding=1)
         self.enc = nn.ModuleList()
         skips = [channels * channel_mult[0]]
@@ -102,14 +134,16 @@ class UNet(nn.Module):
                 skips.append(cout)
             for _ in range(num_blocks):
                 cin, cout = cout, channels * mult
-                self.enc.append(ResBlock(cin, cout, salt=next(salt), **blk))
+                self.enc.append(with_attn(ResBlock(cin, cout, salt=next(salt), **blk), cout, has_attn[level]))
                 skips.append(cout)
-        self.mid = nn.ModuleList([ResBlock(cout, cout, salt=next(salt), **blk) for _ in range(2)])
+        mid_attn = bool(attn_resolutions)  # DDPM++: attention after the first middle block
+        self.mid = nn.ModuleList([with_attn(ResBlock(cout, cout, salt=next(salt), **blk), cout, mid_attn and i == 0)
+                                  for i in range(2)])
         self.dec = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for _ in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), channels * mult
-                self.dec.append(ResBlock(cin, cout, salt=next(salt), **blk))
+                self.dec.append(with_attn(ResBlock(cin, cout, salt=next(salt), **blk), cout, has_attn[level]))
             if level > 0:
                 self.dec.append(ResBlock(cout, cout, resample="up", salt=next(salt), **blk))
         self.out_groups = layers.norm_groups(cout, norm_groups)

@@ -81,9 +81,11 @@ def attention_jvp_op(q: Tensor, k: Tensor, v: Tensor, dq: Tensor, dk: Tensor, dv
     """(O, dO, LSE) of softmax(scale Q K^T) V along tangents (dQ, dK, dV), one fused pass."""
     if _use_triton(q):
         calls["jvp:triton"] += 1
-        return _kernels().fwd_jvp(q, k, v, dq, dk, dv, scale)
-    calls["jvp:math"] += 1
-    return math_ref.fwd_jvp(q, k, v, dq, dk, dv, scale)
+        out = _kernels().fwd_jvp(q, k, v, dq, dk, dv, scale)
+    else:
+        calls["jvp:math"] += 1
+        out = math_ref.fwd_jvp(q, k, v, dq, dk, dv, scale)
+    return tuple(x.contiguous() for x in out)  # the layout register_fake promises
 
 
 @attention_jvp_op.register_fake
@@ -98,9 +100,11 @@ def attention_bwd_op(grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor,
     """Gradients of <grad_o, O> w.r.t. (Q, K, V) from the saved O and LSE."""
     if _use_triton(q):
         calls["bwd:triton"] += 1
-        return _kernels().bwd(grad_o.contiguous(), q, k, v, o, lse, scale)
-    calls["bwd:math"] += 1
-    return math_ref.bwd(grad_o, q, k, v, o, lse, scale)
+        out = _kernels().bwd(grad_o.contiguous(), q, k, v, o, lse, scale)
+    else:
+        calls["bwd:math"] += 1
+        out = math_ref.bwd(grad_o, q, k, v, o, lse, scale)
+    return tuple(x.contiguous() for x in out)  # the layout register_fake promises
 
 
 @attention_bwd_op.register_fake
@@ -114,13 +118,17 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, o, lse)
     ctx.scale = scale
     ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(output[2])  # the LSE is an internal by-product
 
 
 def _backward(ctx, grad_o, grad_do, grad_lse):
-    # Backward of O only: the tangent dO and the LSE are treated as outputs without gradient
-    # (Algorithm 1 detaches them). Asking for their gradient is an error, not a silent zero.
-    if grad_do is not None or grad_lse is not None:
-        raise RuntimeError("scm_graph attention_jvp: gradients through the tangent dO or the LSE are not implemented")
+    # Backward of O only. A gradient through the tangent dO (second order) is not implemented, and
+    # dropping it would silently give wrong gradients, so it is an error. Algorithm 1 detaches the
+    # tangent; a compiled function must detach it too before returning it.
+    if grad_do is not None:
+        raise RuntimeError(
+            "scm_graph attention: gradient through the JVP tangent dO is not implemented; detach the tangent (as Algorithm 1 does)"
+        )
     q, k, v, o, lse = ctx.saved_tensors
     if grad_o is None:
         return (None,) * 7
