@@ -1,8 +1,11 @@
-"""Benchmarks: `python -m scm_graph.bench step [--spec specs/digits_sct.py] [--batch 128]` (or `just bench step`).
+"""Benchmarks: `python -m scm_graph.bench attention ...` (see scm_graph.bench_attention) and
+`python -m scm_graph.bench step [--spec specs/digits_sct.py] [--batch 128] [--precision fp32 bf16]`
+(or `just bench step`).
 
-`step`: images/s of the sCT and diffusion train steps, eager and compiled, side by side in one
-process on the same synthetic batch, with the network of the given spec. Prints a markdown table and
-(with --out) writes it under docs/ with the device named.
+`step`: images/s of the sCT and diffusion train steps, eager and compiled, at each asked precision
+(fp32 / bf16 / fp16 autocast), side by side in one process on the same synthetic batch, with the
+network of the given spec (any arch: it is built by `build_model`). Prints a markdown table naming the
+device and precisions and (with --out) appends it to a file under docs/.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +23,7 @@ import torch
 from scm_graph.errors import ArgumentParser, UserError, cli_main
 from scm_graph.model import build_model, num_params
 from scm_graph.objectives import StepInputs
+from scm_graph.precision import AMP_DTYPES
 from scm_graph.sample import pick_device
 from scm_graph.spec import Spec, read_spec_file
 from scm_graph.step import TrainStep
@@ -28,6 +33,7 @@ from scm_graph.step import TrainStep
 class StepTiming:
     objective: str
     mode: str  # "eager" / "compiled"
+    precision: str  # "fp32" / "bf16" / "fp16"
     images_per_s: float
     ms_per_step: float
     warmup_s: float  # first steps, including compilation
@@ -52,8 +58,10 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def time_step(spec: Spec, kind: str, compile: bool, batch: int, steps: int, warmup: int, dev: torch.device, rounds: int = 3) -> StepTiming:
-    spec = dataclasses.replace(spec, objective=dataclasses.replace(spec.objective, kind=kind))
+def time_step(spec: Spec, kind: str, compile: bool, batch: int, steps: int, warmup: int, dev: torch.device, rounds: int = 3,
+              precision: str = "fp32") -> StepTiming:
+    spec = dataclasses.replace(spec, objective=dataclasses.replace(spec.objective, kind=kind),
+                               train=dataclasses.replace(spec.train, precision=precision))
     torch.manual_seed(0)
     model = build_model(spec).to(dev).train()
     step = TrainStep(model, spec, compile=compile)
@@ -81,39 +89,64 @@ def time_step(spec: Spec, kind: str, compile: bool, batch: int, steps: int, warm
             step(inp)
         _sync(dev)
         dt = min(dt, (time.perf_counter() - t1) / steps)
-    return StepTiming(kind, "compiled" if compile else "eager", batch / dt, dt * 1e3, warm)
+    return StepTiming(kind, "compiled" if compile else "eager", precision, batch / dt, dt * 1e3, warm)
 
 
-def bench_step(spec: Spec, batch: int, steps: int, warmup: int, dev: torch.device, rounds: int = 3) -> list[StepTiming]:
+MODES = ("eager", "compiled")
+
+
+def bench_step(spec: Spec, batch: int, steps: int, warmup: int, dev: torch.device, rounds: int = 3,
+               precisions: tuple[str, ...] = ("fp32",), modes: tuple[str, ...] = MODES) -> list[StepTiming]:
     rows = []
-    for compile in (False, True):
-        for kind in ("sct", "diffusion"):
-            torch._dynamo.reset()
-            rows.append(time_step(spec, kind, compile, batch, steps, warmup, dev, rounds))
-            r = rows[-1]
-            print(f"  {r.objective:9s} {r.mode:8s} {r.images_per_s:9.1f} img/s  {r.ms_per_step:8.1f} ms/step  (warm-up {r.warmup_s:.1f} s)", flush=True)
+    for precision in precisions:
+        for mode in modes:
+            for kind in ("sct", "diffusion"):
+                torch._dynamo.reset()
+                rows.append(time_step(spec, kind, mode == "compiled", batch, steps, warmup, dev, rounds, precision))
+                r = rows[-1]
+                print(f"  {r.objective:9s} {r.precision:4s} {r.mode:8s} {r.images_per_s:9.1f} img/s  {r.ms_per_step:8.1f} ms/step"
+                      f"  (warm-up {r.warmup_s:.1f} s)", flush=True)
     return rows
 
 
+def _ratio(a: StepTiming | None, b: StepTiming | None, speed: bool) -> str:
+    """a / b as 'N.NNx' (images/s if speed else step time); a dash where either is missing."""
+    if a is None or b is None:
+        return "–"
+    return f"{a.images_per_s / b.images_per_s:.2f}x" if speed else f"{a.ms_per_step / b.ms_per_step:.2f}x"
+
+
 def step_table(rows: list[StepTiming], spec_path: str, spec: Spec, batch: int, dev: torch.device) -> str:
-    by = {(r.objective, r.mode): r for r in rows}
+    by = {(r.objective, r.precision, r.mode): r for r in rows}
+    precisions = list(dict.fromkeys(r.precision for r in rows))
+    modes = [m for m in MODES if any(r.mode == m for r in rows)]
     model = build_model(spec)
+
+    def cell(r: StepTiming | None, fmt: str) -> str:
+        return "–" if r is None else format(r.images_per_s if fmt == "ips" else r.warmup_s, ".1f")
+
     lines = [
-        f"## `just bench step` — {spec_path}",
+        f"## `just bench step` — {spec_path} — {device_name(dev)}, {' / '.join(precisions)}",
         "",
-        f"Device: {device_name(dev)}; torch {torch.__version__}; batch {batch}; "
-        f"{spec.data.channels}x{spec.data.resolution}x{spec.data.resolution}; {num_params(model) / 1e6:.2f} M parameters; "
-        "best of the timed rounds, after warm-up (warm-up includes compilation, or a compile-cache hit).",
+        f"Device: {device_name(dev)}; precision (autocast): {', '.join(precisions)}; torch {torch.__version__}; "
+        f"batch {batch}; {spec.data.channels}x{spec.data.resolution}x{spec.data.resolution}; arch {spec.net.arch}; "
+        f"{num_params(model) / 1e6:.2f} M parameters; best of the timed rounds, after warm-up "
+        "(warm-up includes compilation, or a compile-cache hit).",
         "",
-        "| objective | eager img/s | compiled img/s | compiled / eager | warm-up eager / compiled (s) |",
-        "|---|---:|---:|---:|---:|",
+        "| objective | precision | eager img/s | compiled img/s | compiled / eager | vs fp32 (compiled, else eager) | warm-up eager / compiled (s) |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
+    best = modes[-1]
     for kind in ("sct", "diffusion"):
-        e, c = by[(kind, "eager")], by[(kind, "compiled")]
-        lines.append(f"| {kind} | {e.images_per_s:.1f} | {c.images_per_s:.1f} | {c.images_per_s / e.images_per_s:.2f}x | {e.warmup_s:.1f} / {c.warmup_s:.1f} |")
-    lines += ["", "| mode | sCT step time / diffusion step time |", "|---|---:|"]
-    for mode in ("eager", "compiled"):
-        lines.append(f"| {mode} | {by[('sct', mode)].ms_per_step / by[('diffusion', mode)].ms_per_step:.2f}x |")
+        for p in precisions:
+            e, c = by.get((kind, p, "eager")), by.get((kind, p, "compiled"))
+            vs = _ratio(by.get((kind, p, best)), by.get((kind, "fp32", best)), speed=True)
+            lines.append(f"| {kind} | {p} | {cell(e, 'ips')} | {cell(c, 'ips')} | {_ratio(c, e, speed=True)} | {vs} | "
+                         f"{cell(e, 'warm')} / {cell(c, 'warm')} |")
+    lines += ["", "| mode | precision | sCT step time / diffusion step time |", "|---|---|---:|"]
+    for mode in modes:
+        for p in precisions:
+            lines.append(f"| {mode} | {p} | {_ratio(by.get(('sct', p, mode)), by.get(('diffusion', p, mode)), speed=False)} |")
     lines += ["", "(The paper's sCD step costs about 2x a diffusion step; the arithmetic floor is about 1.33x.)", ""]
     return "\n".join(lines)
 
@@ -130,23 +163,36 @@ def _bench_spec(path: str) -> Spec:
     return dataclasses.replace(spec, data=d)
 
 
-@cli_main
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["attention"]:  # `just bench attention`: the fused attention JVP op
+        from scm_graph.bench_attention import main as attention_main
+
+        return attention_main(argv[1:])
+    return step_main(argv)
+
+
+@cli_main
+def step_main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(prog="python -m scm_graph.bench", description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["step"], help="what to benchmark")
+    p.add_argument("what", choices=["step", "attention"], help="what to benchmark (attention: see `bench attention --help`)")
     p.add_argument("--spec", default="specs/digits_sct.py", help="spec whose network to use")
     p.add_argument("--batch", type=int, default=0, help="batch size (default: the spec's)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds of --steps steps; the fastest counts")
+    p.add_argument("--precision", nargs="+", choices=list(AMP_DTYPES), default=None,
+                   help="autocast precision(s) of the step, e.g. fp32 bf16 (default: the spec's train.precision)")
+    p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), help="eager and/or compiled")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="append the markdown table to this file (e.g. docs/bench_step.md)")
     a = p.parse_args(argv)
     spec = _bench_spec(a.spec)
     batch = a.batch or spec.train.batch
     dev = pick_device(a.device)
-    print(f"bench step: {a.spec}, batch {batch}, {device_name(dev)}", flush=True)
-    rows = bench_step(spec, batch, a.steps, a.warmup, dev, a.rounds)
+    precisions = tuple(dict.fromkeys(a.precision or [spec.train.precision]))
+    print(f"bench step: {a.spec}, batch {batch}, {device_name(dev)}, {' / '.join(precisions)}", flush=True)
+    rows = bench_step(spec, batch, a.steps, a.warmup, dev, a.rounds, precisions, tuple(a.modes))
     table = step_table(rows, a.spec, spec, batch, dev)
     print(table)
     if a.out:

@@ -48,7 +48,9 @@ def _methods() -> dict:
         "math": lambda q, k, v, dq, dk, dv: jvp(math_attention, (q, k, v), (dq, dk, dv)),
     }
     try:
-        from jvp_flash_attention.jvp_attention import attention as jfa  # optional third-party baseline
+        from jvp_flash_attention.jvp_attention import (
+            attention as jfa,  # optional third-party baseline
+        )
     except ImportError:
         return out
     out["jfa"] = lambda q, k, v, dq, dk, dv: jvp(jfa, (q, k, v), (dq, dk, dv))

@@ -4,7 +4,8 @@ A checkpoint holds everything to resume training exactly (weights, EMA, optimize
 counters) and the resolved spec, so it alone rebuilds the model. Layout: tensors under `net.`,
 `ema.`, `optim.state.<param_index>.<key>`, `rng.<name>` (and `optim.ref.<n>` for the rare tensor
 nested elsewhere in the optimizer state); metadata keys `format`, `spec`, `step`, `images`,
-`optim_param_groups`, `optim_scalars` and `meta` (JSON strings).
+`optim_param_groups`, `optim_scalars`, `grad_scaler` (fp16 loss-scaler state; absent in older
+files) and `meta` (JSON strings).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class Checkpoint:
     """A `torch.optim.Optimizer.state_dict()`."""
     rng: dict[str, torch.Tensor] = field(default_factory=dict)
     """Named RNG states (uint8 CPU tensors)."""
+    scaler: dict[str, float | int] | None = None
+    """`torch.amp.GradScaler.state_dict()` of an fp16 run (plain numbers: scale, growth tracker, ...)."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Extra JSON-able info."""
 
@@ -111,6 +114,7 @@ def _pack(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         "images": str(int(ckpt.images)),
         "optim_param_groups": json.dumps(groups),
         "optim_scalars": json.dumps(scalars),
+        "grad_scaler": json.dumps(ckpt.scaler),
         "meta": json.dumps(ckpt.meta),
     }
     return _storable(tensors), metadata
@@ -197,6 +201,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     groups = _json(path, md, "optim_param_groups")
     scalars = _json(path, md, "optim_scalars")
     meta = _json(path, md, "meta")
+    scaler = _json(path, md, "grad_scaler") if "grad_scaler" in md else None  # older checkpoints: none
     try:
         step, images = int(md["step"]), int(md["images"])
     except (KeyError, ValueError) as e:
@@ -243,5 +248,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ema=ema or None,
         optim=optim,
         rng=rng,
+        scaler=scaler,
         meta=meta,
     )

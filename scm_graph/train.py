@@ -4,7 +4,13 @@ Per step: a batch from the shards, noise and times drawn here (outside the compi
 TrainStep, the EMA. Every few images: a JSONL metrics line, a sample grid, an atomic checkpoint, and
 (for the digits) the FD of 1- and 2-step samples. `--resume` continues the run folder's checkpoint and
 reproduces the uninterrupted run's losses exactly: the data stream, noise generator, dropout keys,
-optimiser and EMA all continue from the saved state.
+optimiser, fp16 loss scaler and EMA all continue from the saved state.
+
+Non-finite values: samples with a non-finite tangent are masked by the objective and counted
+(`nonfinite` in each metrics line, one console warning the first time); steps whose update was
+skipped are counted (`skipped`). NONFINITE_PATIENCE consecutive steps without an update (every sample
+masked, or a non-finite loss / gradient that is not an fp16 loss-scale overflow) stop the run with a
+one-line error before anything more is written; the last checkpoint on disk stays as it is.
 """
 
 from __future__ import annotations
@@ -34,11 +40,12 @@ from scm_graph.step import StepOut, TrainStep
 CKPT = "ckpt.safetensors"
 METRICS = "metrics.jsonl"
 T_BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, math.pi / 2)  # per-t-bucket loss edges
+NONFINITE_PATIENCE = 10  # consecutive steps without an update (non-finite) before the run stops
 
 # Fields a resumed run may change; everything else must match the checkpoint's spec.
 RESUMABLE = {"train.total_images", "train.time_limit_s", "train.log_every_images", "train.sample_every_images",
              "train.ckpt_every_images", "train.eval_every_images", "train.eval_samples", "train.compile",
-             "train.device", "train.out", "data.workers", "data.root"}
+             "train.device", "train.precision", "train.out", "data.workers", "data.root"}
 
 
 def draw_inputs(b: Batch, gen: torch.Generator, spec: Spec, step: int, images: int, device: torch.device) -> StepInputs:
@@ -56,10 +63,15 @@ def draw_inputs(b: Batch, gen: torch.Generator, spec: Spec, step: int, images: i
 
 @dataclass
 class Meter:
-    """Accumulates step outputs on the device; `flush` returns one JSON-able record."""
+    """Accumulates step outputs on the device; `flush` returns one JSON-able record.
+
+    Masked (non-finite) samples are left out of the per-sample means and buckets, and loss and grad norm
+    average over the steps that updated the weights (not the skipped ones); a mean over nothing is null.
+    """
 
     device: torch.device
     n: int = 0
+    skipped: int = 0
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -68,29 +80,44 @@ class Meter:
     def add(self, out: StepOut, t: torch.Tensor) -> None:
         idx = torch.bucketize(t.float(), self.inner_edges).long()
         nb = len(T_BUCKETS) - 1
+        ok = ~out.nonfinite
+        okf = ok.float()
+        mse = torch.where(ok, out.mse.float(), 0.0)
+        applied = not out.skipped  # an applied step has a finite loss and gradient norm
         vals = {
-            "loss": out.loss.float(),
-            "grad_norm": out.grad_norm.float(),
-            "mse": out.mse.float().mean(),
-            "tangent_norm": out.tangent_norm.float().mean(),
-            "bucket_sum": torch.zeros(nb, device=t.device).scatter_add_(0, idx, out.mse.float()),
-            "bucket_n": torch.zeros(nb, device=t.device).scatter_add_(0, idx, torch.ones_like(out.mse, dtype=torch.float32)),
+            "loss": out.loss.float() if applied else torch.zeros((), device=self.device),
+            "grad_norm": out.grad_norm.float() if applied else torch.zeros((), device=self.device),
+            "mse": mse.sum(),
+            "tangent_norm": torch.where(ok, out.tangent_norm.float(), 0.0).sum(),
+            "n_samples_ok": okf.sum(),
+            "nonfinite": out.nonfinite.sum(),
+            "bucket_sum": torch.zeros(nb, device=t.device).scatter_add_(0, idx, mse),
+            "bucket_n": torch.zeros(nb, device=t.device).scatter_add_(0, idx, okf),
         }
         for k, v in vals.items():
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
         w = out.w.float()
-        self.sums["w_min"] = torch.minimum(self.sums["w_min"], w.min()) if "w_min" in self.sums else w.min()
-        self.sums["w_max"] = torch.maximum(self.sums["w_max"], w.max()) if "w_max" in self.sums else w.max()
+        w_lo, w_hi = torch.where(ok, w, math.inf).min(), torch.where(ok, w, -math.inf).max()
+        self.sums["w_min"] = torch.minimum(self.sums["w_min"], w_lo) if "w_min" in self.sums else w_lo
+        self.sums["w_max"] = torch.maximum(self.sums["w_max"], w_hi) if "w_max" in self.sums else w_hi
         self.n += 1
+        self.skipped += int(out.skipped)
 
     def flush(self) -> dict:
         s = {k: v.cpu() for k, v in self.sums.items()}
-        rec = {k: float(s[k]) / self.n for k in ("loss", "grad_norm", "mse", "tangent_norm")}
-        rec["w_min"], rec["w_max"] = float(s["w_min"]), float(s["w_max"])
+        applied, n_ok = self.n - self.skipped, float(s["n_samples_ok"])
+
+        def mean(key: str, count: float) -> float | None:
+            return float(s[key]) / count if count > 0 else None
+
+        rec = {"loss": mean("loss", applied), "grad_norm": mean("grad_norm", applied),
+               "mse": mean("mse", n_ok), "tangent_norm": mean("tangent_norm", n_ok)}
+        rec["w_min"], rec["w_max"] = (float(s["w_min"]), float(s["w_max"])) if n_ok > 0 else (None, None)
         cnt = s["bucket_n"].clamp(min=1)
         rec["mse_by_t"] = {f"{T_BUCKETS[i]:.1f}-{T_BUCKETS[i + 1]:.1f}": round(float(s["bucket_sum"][i] / cnt[i]), 6)
                            for i in range(len(cnt)) if s["bucket_n"][i] > 0}
-        self.n, self.sums = 0, {}
+        rec["nonfinite"], rec["skipped"] = int(s["nonfinite"]), self.skipped
+        self.n, self.skipped, self.sums = 0, 0, {}
         return rec
 
 
@@ -141,12 +168,18 @@ class Run:
         copy_params(self.model, ckpt.net)
         self.ema.load(ckpt.ema)
         self.step_fn.optimizer.load_state_dict(ckpt.optim)
+        if self.step_fn.scaler.is_enabled() and ckpt.scaler:  # fp16 resumed from fp16: the exact loss scale
+            self.step_fn.scaler.load_state_dict(ckpt.scaler)
         self.gen.set_state(ckpt.rng["noise"])
         torch.set_rng_state(ckpt.rng["torch_cpu"])
         self.step, self.images, self.wall = ckpt.step, ckpt.images, float(ckpt.meta.get("wall_s", 0.0))
         truncate_metrics(self.out / METRICS, self.images)
 
     def save(self, extra: dict | None = None) -> None:
+        weights = [*self.model.parameters(), *self.ema.params.values()]
+        if not bool(torch.stack([torch.isfinite(w).all() for w in weights]).all()):  # never a NaN checkpoint
+            kept = f"the last checkpoint {self.out / CKPT} is kept" if (self.out / CKPT).exists() else "no checkpoint was written"
+            raise UserError(f"the weights are not finite at step {self.step} (images {self.images}); {kept}")
         ckpt = Checkpoint(
             spec_json=spec_to_json(self.spec),
             step=self.step,
@@ -155,6 +188,7 @@ class Run:
             ema=self.ema.params,
             optim=self.step_fn.optimizer.state_dict(),
             rng={"noise": self.gen.get_state(), "torch_cpu": torch.get_rng_state()},
+            scaler=self.step_fn.scaler.state_dict() if self.step_fn.scaler.is_enabled() else None,
             meta={"objective": self.spec.objective.kind, "wall_s": self.wall, **(extra or {})},
         )
         save_checkpoint(self.out / CKPT, ckpt)
@@ -217,7 +251,14 @@ def _every(images_before: int, images_after: int, every: int) -> bool:
 
 def train(spec: Spec, out: Path, resume: bool = False, progress: bool = True) -> dict:
     """Run (or continue) training; returns the final summary record."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     t = spec.train
     if resume and not (out / CKPT).exists():
@@ -240,11 +281,23 @@ def train(spec: Spec, out: Path, resume: bool = False, progress: bool = True) ->
     rate_t0, rate_img0 = time.perf_counter(), run.images
     t_start, wall0 = time.perf_counter(), run.wall
     last = {}
+    warned, stalled = False, 0  # non-finite: announced yet?  consecutive steps without an update
     with Progress(*cols, disable=not progress, transient=False) as bar:
         task = bar.add_task(spec.name, total=t.total_images, completed=run.images, ips=0.0, loss=float("nan"))
         while run.images < t.total_images:
             inp = draw_inputs(next(stream), run.gen, spec, run.step, run.images, run.device)
             out_step = run.step_fn(inp)
+            if out_step.n_nonfinite and not warned:
+                warned = True
+                bar.console.print(f"warning: step {run.step + 1}: {out_step.n_nonfinite} of {len(out_step.nonfinite)} samples "
+                                  "had a non-finite tangent or prediction and were masked (loss weight 0); "
+                                  "metrics.jsonl counts them under 'nonfinite'", markup=False, highlight=False, soft_wrap=True)
+            stalled = stalled + 1 if out_step.skipped and not out_step.loss_scale_overflow else 0
+            if stalled >= NONFINITE_PATIENCE:  # raise before the EMA, the metrics or a checkpoint see this step
+                why = ("every sample had a non-finite tangent or prediction" if out_step.n_nonfinite == len(out_step.nonfinite)
+                       else "the loss or gradient norm was not finite")
+                kept = f"the last checkpoint {out / CKPT} is kept" if (out / CKPT).exists() else "no checkpoint was written"
+                raise UserError(f"{why} for {stalled} consecutive steps (up to step {run.step + 1}); training stopped, {kept}")
             run.ema.update(run.model, ema_beta(t.batch, run.images + t.batch, t.ema_halflife_images, t.ema_rampup))
             meter.add(out_step, inp.t)
             before, run.images, run.step = run.images, run.images + t.batch, run.step + 1
@@ -253,15 +306,13 @@ def train(spec: Spec, out: Path, resume: bool = False, progress: bool = True) ->
             done = run.images >= t.total_images or stop
             if _every(before, run.images, t.log_every_images) or done:
                 rec = meter.flush()
-                if not math.isfinite(rec["loss"]):
-                    raise UserError(f"non-finite loss at step {run.step} (images {run.images}); the last checkpoint is kept")
                 now = time.perf_counter()
                 ips = (run.images - rate_img0) / max(now - rate_t0, 1e-9)
                 rate_t0, rate_img0 = now, run.images
                 r = float(inp.r)
                 last = {"images": run.images, "step": run.step, **rec, "r": r, "img_per_s": round(ips, 1), "wall_s": round(run.wall, 2)}
                 run.log(last)
-                bar.update(task, completed=run.images, ips=ips, loss=rec["loss"])
+                bar.update(task, completed=run.images, ips=ips, loss=math.nan if rec["loss"] is None else rec["loss"])
             else:
                 bar.update(task, completed=run.images)
             if _every(before, run.images, t.sample_every_images) or done:

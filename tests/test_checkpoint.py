@@ -107,6 +107,34 @@ def test_round_trip_and_exact_resume(tmp_path: Path, kind: str) -> None:
             assert torch.equal(p, q)
 
 
+def test_grad_scaler_state_round_trip(tmp_path: Path) -> None:
+    """The fp16 loss scaler's state is plain JSON metadata; files without it load with scaler None."""
+    model = _model()
+    opt = torch.optim.Adam(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
+    for i in range(4):
+        opt.zero_grad(set_to_none=True)
+        x = torch.randn(4, 4, generator=torch.Generator().manual_seed(i))
+        scaler.scale(model(x).square().mean() * (1e38 if i == 1 else 1.0)).backward()  # step 1 overflows
+        scaler.step(opt)
+        scaler.update()
+    ck = _ckpt(model, opt)
+    ck.scaler = scaler.state_dict()
+    save_checkpoint(tmp_path / "ck", ck)
+    got = load_checkpoint(tmp_path / "ck")
+    assert got.scaler == scaler.state_dict() and got.scaler["scale"] == 2.0**9
+    fresh = torch.amp.GradScaler("cpu")
+    fresh.load_state_dict(got.scaler)
+    assert fresh.state_dict() == scaler.state_dict()
+    save_checkpoint(tmp_path / "plain", _ckpt(model, opt))
+    assert load_checkpoint(tmp_path / "plain").scaler is None
+    md = read_metadata(tmp_path / "plain")  # a file written before the key existed
+    del md["grad_scaler"]
+    safetensors.torch.save_file(safetensors.torch.load_file(str(tmp_path / "plain")), str(tmp_path / "old"), metadata=md)
+    old = load_checkpoint(tmp_path / "old")
+    assert old.scaler is None and old.optim is not None
+
+
 def test_rng_states_reproduce_draws(tmp_path: Path) -> None:
     gen = torch.Generator().manual_seed(3)
     torch.randn(5, generator=gen)

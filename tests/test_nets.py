@@ -2,10 +2,16 @@
 
 import math
 
+import pytest
 import torch
-from torch.func import jvp
+from torch.func import functional_call, jvp
 
+from scm_graph import ops
+from scm_graph.model import build_model
+from scm_graph.nets.attention import SelfAttention2d
 from scm_graph.nets.layers import AdaptiveDoubleNorm, KeyedDropout, PositionalEmbedding, keyed_uniform, pnorm
+from scm_graph.nets.unet import UNet
+from tests.conftest import tiny_spec
 
 F64 = torch.float64
 
@@ -76,12 +82,6 @@ def test_keyed_dropout_keep_rate_and_unbiased_scale():
 # ---------------------------------------------------------------------------------------------
 # Self-attention in the U-Net (and helpers shared with test_dit.py)
 
-import pytest  # noqa: E402
-from torch.func import functional_call  # noqa: E402
-
-from scm_graph import ops  # noqa: E402
-from scm_graph.nets.attention import SelfAttention2d  # noqa: E402
-from scm_graph.nets.unet import UNet  # noqa: E402
 
 TINY_UNET = dict(channels=8, channel_mult=(1, 2), num_blocks=1, norm_groups=4, head_dim=4)
 
@@ -221,3 +221,22 @@ def test_attention_unet_compiled_jvp_matches_eager(torch_defaults):
     net = UNet(8, 1, attn_resolutions=(8,), **{**TINY_UNET, "channel_mult": (1,)})  # one level: faster to compile
     perturb_zero_init(net)
     compiled_jvp_vs_eager(net, torch.randn(2, 1, 8, 8), torch.rand(2), num_attn=4)
+
+
+@pytest.mark.parametrize("arch", ["unet", "dit"])
+def test_time_embedding_and_modulation_stay_float32_under_autocast(arch):
+    """DESIGN.md sec. 2: under bf16 autocast t, the time embedding and the adaptive-norm modulation
+    are float32 while the body (convs / attention projections) runs in bf16."""
+    net = dict(arch=arch, head_dim=4, depth=1, attn_resolutions=(4,)) if arch == "dit" else dict(attn_resolutions=(4,), head_dim=4)
+    if arch == "dit":
+        net.pop("attn_resolutions")
+        net.update(channels=8)
+    m = build_model(tiny_spec(**net))
+    seen: dict[str, torch.dtype] = {}
+    norm = next(mod for mod in m.modules() if hasattr(mod, "scale") and isinstance(mod.scale, torch.nn.Linear))
+    body = next(mod for name, mod in m.net.named_modules() if name.endswith("qkv"))
+    for name, mod in (("emb", m.net.map1), ("modulation", norm.scale), ("body", body)):
+        mod.register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(torch.randn(2, 1, 8, 8), torch.rand(2) + 0.1, torch.tensor([1, 2]))
+    assert seen == {"emb": torch.float32, "modulation": torch.float32, "body": torch.bfloat16}

@@ -139,8 +139,8 @@ def test_diffusion_loss_closed_form_and_adaptive_weight_gradient(tiny_model64):
 
 def test_dropout_masks_shared_between_jvp_and_gradient_pass():
     """With keyed dropout, F^- (in the JVP) and F_theta see the same mask: the residual equals -g exactly."""
-    from tests.conftest import tiny_spec
     from scm_graph.model import build_model
+    from tests.conftest import tiny_spec
 
     torch.manual_seed(0)
     m = build_model(tiny_spec(dropout=0.5)).double().train()
@@ -155,3 +155,66 @@ def test_dropout_masks_shared_between_jvp_and_gradient_pass():
     a = m(inp.x0, inp.t, inp.labels, torch.tensor(1))
     b = m(inp.x0, inp.t, inp.labels, torch.tensor(2))
     assert not torch.allclose(a, b)
+
+
+# ----------------------------------------------------------------------------- non-finite samples
+
+
+def _poison(m, sample: int, B: int = 3):
+    """Make the network's output inf on one sample (finite inputs): a tangent that overflows."""
+    inner = m.net.forward
+    bad = torch.zeros(B, 1, 1, 1, dtype=torch.float64)
+    bad[sample] = float("inf")
+    m.net.forward = lambda *a: inner(*a) + bad
+    return inner
+
+
+def _subset(inp: StepInputs, keep: list[int]) -> StepInputs:
+    lab = inp.labels[keep] if inp.labels is not None else None
+    return StepInputs(inp.x0[keep], inp.z[keep], inp.t[keep], lab, inp.dropout_key, inp.r)
+
+
+def test_sct_masks_a_nonfinite_tangent_and_trains_the_rest(tiny_model64):
+    """F^- = inf on sample 1: masked (g := 0, weight 0); loss and gradient equal those of samples 0 and 2 alone."""
+    m = tiny_model64
+    params = dict(m.named_parameters())
+    cfg = ObjectiveSpec(sigma_d=SD)
+    inp = _inputs()
+    inner = _poison(m, 1)
+    out = sct_loss(m, params, inp, cfg)
+    assert out.nonfinite.tolist() == [False, True, False]
+    assert torch.isfinite(out.loss) and out.tangent_norm[1] == 0 and out.mse[1] == 0
+    grads = _grads(m, out.loss)
+    assert torch.isfinite(grads).all()
+    m.net.forward = inner
+    ref = sct_loss(m, params, _subset(inp, [0, 2]), cfg)
+    assert not ref.nonfinite.any()
+    assert torch.allclose(out.loss, ref.loss, rtol=1e-12)
+    assert torch.allclose(out.tangent_norm[[0, 2]], ref.tangent_norm, rtol=1e-12)
+    assert torch.allclose(grads, _grads(m, ref.loss), rtol=1e-10, atol=1e-14)
+
+
+def test_diffusion_masks_nonfinite_data(tiny_model64):
+    m = tiny_model64
+    params = dict(m.named_parameters())
+    cfg = ObjectiveSpec(sigma_d=SD)
+    inp = _inputs()
+    inp.z[0, 0, 2, 2] = float("nan")
+    out = diffusion_loss(m, params, inp, cfg)
+    assert out.nonfinite.tolist() == [True, False, False] and out.mse[0] == 0
+    grads = _grads(m, out.loss)
+    ref = diffusion_loss(m, params, _subset(inp, [1, 2]), cfg)
+    assert torch.allclose(out.loss, ref.loss, rtol=1e-12)
+    assert torch.allclose(grads, _grads(m, ref.loss), rtol=1e-10, atol=1e-14)
+    # and a poisoned prediction on finite data: masked too, gradients stay finite
+    _poison(m, 2)
+    out = diffusion_loss(m, params, _inputs(), cfg)
+    assert out.nonfinite.tolist() == [False, False, True]
+    assert torch.isfinite(out.loss) and torch.isfinite(_grads(m, out.loss)).all()
+
+
+def test_objectives_report_no_nonfinite_on_clean_data(tiny_model64):
+    params = dict(tiny_model64.named_parameters())
+    for fn in (sct_loss, diffusion_loss):
+        out = fn(tiny_model64, params, _inputs(), ObjectiveSpec(sigma_d=SD))
+        assert out.nonfinite.dtype == torch.bool and out.nonfinite.shape == (3,) and not out.nonfinite.any()

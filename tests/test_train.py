@@ -18,7 +18,7 @@ from scm_graph.checkpoint import load_checkpoint
 from scm_graph.errors import UserError
 from scm_graph.model import build_model
 from scm_graph.objectives import StepInputs
-from scm_graph.spec import ObjectiveSpec, spec_from_json
+from scm_graph.spec import ObjectiveSpec, spec_from_json, spec_to_json
 from scm_graph.step import StepOut, TrainStep
 from tests.conftest import SPECS, assert_user_error, run_cli, tiny_args, tiny_spec
 
@@ -99,6 +99,111 @@ def test_resume_equals_uninterrupted(tmp_path: Path, shard_root: Path):
     assert end_a["fd_1step"] == end_b["fd_1step"] and end_a["fd_2step"] == end_b["fd_2step"]
 
 
+def test_fp16_resume_equals_uninterrupted(tmp_path: Path, shard_root: Path):
+    """fp16: 4 steps in one go == 2 steps, then --resume to 4; the loss scaler's state rides in the checkpoint."""
+    extra = ("--train.precision", "fp16", "--train.eval_samples", "16")
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_main("digits_sct.py", *tiny_args(shard_root, a, 64, *extra))
+    train_main("digits_sct.py", *tiny_args(shard_root, b, 32, *extra))
+    mid = load_checkpoint(b / "ckpt.safetensors")
+    assert mid.scaler is not None and mid.scaler["_growth_tracker"] == 2 and mid.scaler["scale"] == 2.0**16
+    train_main("digits_sct.py", *tiny_args(shard_root, b, 64, *extra), "--resume")
+    ra, rb = step_records(a), step_records(b)
+    assert sorted(ra) == sorted(rb) == [1, 2, 3, 4]
+    for s in (3, 4):
+        assert ra[s] == rb[s] and ra[s]["nonfinite"] == ra[s]["skipped"] == 0, (s, ra[s], rb[s])
+    ca, cb = load_checkpoint(a / "ckpt.safetensors"), load_checkpoint(b / "ckpt.safetensors")
+    assert ca.scaler == cb.scaler and ca.scaler["_growth_tracker"] == 4  # a fresh scaler would say 2
+    assert spec_from_json(ca.spec_json).train.precision == "fp16"
+    assert_tensors_identical(ca.net, cb.net)
+    assert_tensors_identical(ca.ema, cb.ema)
+    assert all(v.dtype == torch.float32 for v in ca.net.values())
+
+
+def test_resume_may_change_precision(tmp_path: Path, shard_root: Path):
+    run = tmp_path / "run"
+    train_main("digits_diffusion.py", *tiny_args(shard_root, run, 16))
+    assert load_checkpoint(run / "ckpt.safetensors").scaler is None  # fp32: no scaler state
+    train_main("digits_diffusion.py", *tiny_args(shard_root, run, 32, "--train.precision", "bf16"), "--resume")
+    ck = load_checkpoint(run / "ckpt.safetensors")
+    assert ck.step == 2 and spec_from_json(ck.spec_json).train.precision == "bf16"
+
+
+def test_spec_json_without_precision_loads_as_fp32():
+    """Checkpoints written before train.precision existed still load (and resume as fp32)."""
+    d = json.loads(spec_to_json(tiny_spec()))
+    del d["train"]["precision"]
+    spec = spec_from_json(json.dumps(d))
+    assert spec.train.precision == "fp32" and spec == tiny_spec()
+
+
+def _poison_inputs(monkeypatch, samples: slice, from_step: int = 0) -> None:
+    """Make draw_inputs put an inf into x0 of `samples` from step `from_step` on (a non-finite tangent)."""
+    draw = tr.draw_inputs
+
+    def poisoned(b, gen, spec, step, images, device):
+        inp = draw(b, gen, spec, step, images, device)
+        if step >= from_step:
+            inp.x0[samples, 0, 0, 0] = float("inf")
+        return inp
+
+    monkeypatch.setattr(tr, "draw_inputs", poisoned)
+
+
+def test_nonfinite_samples_are_warned_once_and_counted(tmp_path: Path, shard_root: Path, monkeypatch, capsys):
+    _poison_inputs(monkeypatch, slice(0, 1))
+    run = tmp_path / "run"
+    train_main("digits_sct.py", *tiny_args(shard_root, run, 48))
+    out = capsys.readouterr().out
+    warnings = [ln for ln in out.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "step 1: 1 of 16 samples" in warnings[0] and "nonfinite" in warnings[0], out
+    recs = step_records(run)
+    assert sorted(recs) == [1, 2, 3]
+    assert all(r["nonfinite"] == 1 and r["skipped"] == 0 and math.isfinite(r["loss"]) for r in recs.values())
+    ck = load_checkpoint(run / "ckpt.safetensors")
+    assert ck.step == 3 and all(torch.isfinite(v).all() for v in [*ck.net.values(), *ck.ema.values()])
+
+
+def test_all_nonfinite_batches_stop_the_run_and_keep_the_checkpoint(tmp_path: Path, shard_root: Path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    train_main("digits_sct.py", *tiny_args(shard_root, run, 16))
+    ckpt = run / "ckpt.safetensors"
+    before = (ckpt.read_bytes(), ckpt.stat().st_mtime_ns)
+    capsys.readouterr()
+    _poison_inputs(monkeypatch, slice(None))
+    with pytest.raises(SystemExit) as e:  # the checkpoint is due at the end (image 320): never reached
+        train_main("digits_sct.py", *tiny_args(shard_root, run, 320), "--resume")
+    assert e.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "10 consecutive steps" in err[0], err
+    assert "non-finite" in err[0] and str(ckpt) in err[0]
+    assert (ckpt.read_bytes(), ckpt.stat().st_mtime_ns) == before
+    recs = step_records(run)
+    assert [recs[s]["nonfinite"] for s in range(2, 11)] == [16] * 9 and recs[2]["loss"] is None
+    assert all(recs[s]["skipped"] == 1 for s in range(2, 11))
+
+
+def test_no_checkpoint_of_nonfinite_weights(tmp_path: Path, shard_root: Path):
+    spec, out, _ = tr.parse_args([str(SPECS / "digits_sct.py"), *tiny_args(shard_root, tmp_path / "run", 16)])
+    out.mkdir(parents=True)
+    run = tr.Run(spec, out, resume=False)
+    with torch.no_grad():
+        run.model.net.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(UserError, match="not finite"):
+        run.save()
+    assert not (out / "ckpt.safetensors").exists()
+
+
+def test_cli_diverging_run_stops_with_one_line(tmp_path: Path, shard_root: Path):
+    """lr = inf: the first update makes the weights non-finite, every later sample is masked; stop, no checkpoint."""
+    run = tmp_path / "run"
+    res = run_cli("scm_graph.train", SPECS / "digits_sct.py", *tiny_args(shard_root, run, 320), "--optim.lr", "inf",
+                  cwd=tmp_path)
+    assert_user_error(res, "10 consecutive steps", "no checkpoint was written")
+    assert sum(ln.startswith("warning:") for ln in res.stdout.splitlines()) == 1
+    assert not (run / "ckpt.safetensors").exists()
+
+
 def test_time_limit_then_resume(tmp_path: Path, shard_root: Path):
     run = tmp_path / "run"
     train_main("digits_diffusion.py", *tiny_args(shard_root, run, 64), "--train.time_limit_s", "1e-6")
@@ -139,14 +244,42 @@ def test_meter_buckets_and_extremes():
     for k in range(2):
         out = StepOut(loss=torch.tensor(1.0 + k), mse=torch.tensor([1.0, 3.0, 5.0, 7.0]) * (k + 1),
                       w=torch.tensor([0.0, -1.0, 2.0, 0.5]) * (k + 1), tangent_norm=torch.ones(4) * k,
-                      grad_norm=torch.tensor(2.0 * k))
+                      grad_norm=torch.tensor(2.0 * k), nonfinite=torch.zeros(4, dtype=torch.bool),
+                      n_nonfinite=0, skipped=False)
         m.add(out, t)
     rec = m.flush()
     assert rec["loss"] == 1.5 and rec["grad_norm"] == 1.0 and rec["tangent_norm"] == 0.5
     assert rec["mse"] == pytest.approx((4.0 + 8.0) / 2)
     assert (rec["w_min"], rec["w_max"]) == (-2.0, 4.0)
     assert rec["mse_by_t"] == {"0.0-0.2": 3.0, "0.4-0.6": 7.5, "1.2-1.6": 10.5}
+    assert (rec["nonfinite"], rec["skipped"]) == (0, 0)
     assert m.n == 0 and m.sums == {}
+
+
+def test_meter_leaves_out_masked_samples_and_skipped_losses():
+    m = tr.Meter(torch.device("cpu"))
+    t = torch.tensor([0.1, 0.1, 0.5, 1.5])
+    bad = torch.tensor([False, True, False, True])
+    m.add(StepOut(loss=torch.tensor(2.0), mse=torch.tensor([1.0, float("nan"), 5.0, 0.0]), w=torch.tensor([0.0, 9.0, 1.0, -9.0]),
+                  tangent_norm=torch.tensor([1.0, 0.0, 3.0, 0.0]), grad_norm=torch.tensor(4.0), nonfinite=bad,
+                  n_nonfinite=2, skipped=False), t)
+    m.add(StepOut(loss=torch.tensor(float("nan")), mse=torch.full((4,), 3.0), w=torch.zeros(4), tangent_norm=torch.ones(4),
+                  grad_norm=torch.tensor(float("inf")), nonfinite=torch.zeros(4, dtype=torch.bool), n_nonfinite=0,
+                  skipped=True), t)
+    rec = m.flush()
+    assert (rec["loss"], rec["grad_norm"]) == (2.0, 4.0)  # the skipped step's NaN loss is left out
+    assert rec["mse"] == pytest.approx((1 + 5 + 4 * 3) / 6) and rec["tangent_norm"] == pytest.approx(8 / 6)
+    assert (rec["w_min"], rec["w_max"]) == (0.0, 1.0)
+    assert rec["mse_by_t"] == {"0.0-0.2": round(7 / 3, 6), "0.4-0.6": 4.0, "1.2-1.6": 3.0}
+    assert (rec["nonfinite"], rec["skipped"]) == (2, 1)
+    json.dumps(rec, allow_nan=False)
+    m.add(StepOut(loss=torch.tensor(float("nan")), mse=torch.zeros(4), w=torch.zeros(4), tangent_norm=torch.zeros(4),
+                  grad_norm=torch.tensor(float("nan")), nonfinite=torch.ones(4, dtype=torch.bool), n_nonfinite=4,
+                  skipped=True), t)
+    rec = m.flush()  # nothing finite to average: nulls, not NaN
+    assert rec["loss"] is None and rec["mse"] is None and rec["w_min"] is None and rec["mse_by_t"] == {}
+    assert (rec["nonfinite"], rec["skipped"]) == (4, 1)
+    json.dumps(rec, allow_nan=False)
 
 
 # ----------------------------------------------------------------------------- compiled == eager
@@ -189,6 +322,21 @@ def test_compiled_step_matches_eager(kind: str):
 
 
 SMOKE = ["digits_sct", "digits_diffusion", "cifar10_sct", "cifar10_diffusion"]
+
+
+@pytest.mark.slow
+def test_smoke_run_bf16(tmp_path: Path, shard_root: Path):
+    """`python -m scm_graph.train specs/digits_sct.py --train.precision bf16` runs and writes a checkpoint."""
+    run = tmp_path / "run"
+    res = run_cli("scm_graph.train", SPECS / "digits_sct.py", *tiny_args(shard_root, run, 32, "--train.precision", "bf16"),
+                  cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("done:") and "fd_1step" in res.stdout and "warning" not in res.stdout
+    ck = load_checkpoint(run / "ckpt.safetensors")
+    assert (ck.step, ck.images) == (2, 32) and spec_from_json(ck.spec_json).train.precision == "bf16"
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in ck.net.values())
+    recs = step_records(run)
+    assert all(math.isfinite(r["loss"]) and r["nonfinite"] == 0 and r["skipped"] == 0 for r in recs.values())
 
 
 @pytest.mark.slow
@@ -390,3 +538,19 @@ def test_fresh_run_does_not_append_to_stale_metrics(tmp_path: Path, shard_root: 
     recs = read_metrics(run)
     assert not any(r.get("marker") == "stale" for r in recs)
     assert [r.get("event") for r in recs].count("start") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["digits_sct_attn", "digits_dit"])
+@pytest.mark.parametrize("kind", ["sct", "diffusion"])
+def test_smoke_run_attention_nets_bf16(tmp_path: Path, shard_root: Path, name: str, kind: str):
+    """Attention U-Net and DiT specs train end to end under bf16 autocast, for both objectives."""
+    run = tmp_path / "run"
+    extra = ("--objective.kind", kind, "--train.precision", "bf16", "--net.head_dim", "4", "--net.depth", "2")
+    res = run_cli("scm_graph.train", SPECS / f"{name}.py", *tiny_args(shard_root, run, 32, *extra), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    ck = load_checkpoint(run / "ckpt.safetensors")
+    spec = spec_from_json(ck.spec_json)
+    assert (spec.net.arch, spec.objective.kind, spec.train.precision) == ("dit" if name == "digits_dit" else "unet", kind, "bf16")
+    assert all(torch.isfinite(v).all() for v in ck.net.values())
+    assert all(math.isfinite(r["loss"]) and r["skipped"] == 0 for r in step_records(run).values())

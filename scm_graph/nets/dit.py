@@ -16,7 +16,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from scm_graph import ops
-from scm_graph.nets.layers import KeyedDropout, PositionalEmbedding, pnorm
+from scm_graph.nets.layers import KeyedDropout, PositionalEmbedding, fp32_region, pnorm
 
 
 def check_config(img_resolution: int, width: int, patch_size: int, head_dim: int) -> None:
@@ -48,9 +48,10 @@ class TokenAdaptiveNorm(nn.Module):
         self.shift = nn.Linear(emb_channels, width)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        s = pnorm(self.scale(emb), dim=-1)[:, None, :]
-        b = pnorm(self.shift(emb), dim=-1)[:, None, :]
-        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * s + b  # affine-free LN (affine breaks compiled jvp)
+        with fp32_region(x):  # emb is float32; the modulation and the norm run in float32 too
+            s = pnorm(self.scale(emb), dim=-1)[:, None, :]
+            b = pnorm(self.shift(emb), dim=-1)[:, None, :]
+            return F.layer_norm(x.to(s.dtype), x.shape[-1:], eps=self.eps) * s + b  # affine-free LN (affine breaks compiled jvp)
 
 
 class DiTBlock(nn.Module):
@@ -130,16 +131,17 @@ class DiT(nn.Module):
         dropout_key: Tensor | None = None,
         guidance: Tensor | None = None,
     ) -> Tensor:
-        emb = self.map_noise(c_noise)
-        if self.map_label is not None:
-            if class_labels is None:
-                raise ValueError("this network is class-conditional: pass class_labels")
-            emb = emb + self.map_label(F.one_hot(class_labels, self.num_classes).to(emb.dtype))
-        if self.map_guidance is not None:
-            if guidance is None:
-                raise ValueError("this network is guidance-conditional: pass guidance (the CFG scale s, shape [B])")
-            emb = emb + self.map_guidance(self.map_noise(guidance))  # extra input s for the CFG scale (sCM Sec. 5.2, Meng et al. 2023)
-        emb = F.silu(self.map1(F.silu(self.map0(emb))))
+        with fp32_region(x):  # t and the time embedding stay float32 under autocast (DESIGN.md sec. 2)
+            emb = self.map_noise(c_noise)
+            if self.map_label is not None:
+                if class_labels is None:
+                    raise ValueError("this network is class-conditional: pass class_labels")
+                emb = emb + self.map_label(F.one_hot(class_labels, self.num_classes).to(emb.dtype))
+            if self.map_guidance is not None:
+                if guidance is None:
+                    raise ValueError("this network is guidance-conditional: pass guidance (the CFG scale s, shape [B])")
+                emb = emb + self.map_guidance(self.map_noise(guidance))  # extra input s for the CFG scale (sCM Sec. 5.2, Meng et al. 2023)
+            emb = F.silu(self.map1(F.silu(self.map0(emb))))
 
         p, h = self.patch_size, x.shape[-2]
         tokens = rearrange(self.patchify(x), "b c h w -> b (h w) c") + self.pos.to(x.dtype)

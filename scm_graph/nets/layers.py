@@ -24,6 +24,11 @@ class PositionalEmbedding(nn.Module):
         return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1)
 
 
+def fp32_region(x: Tensor):
+    """Autocast off: the time embedding and the adaptive-norm modulation stay float32 (DESIGN.md sec. 2)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def pnorm(v: Tensor, eps: float = 1e-4, dim: int = 1) -> Tensor:
     """Pixel norm over channels (`dim`; -1 for token tensors [B, N, C]): v / sqrt(mean(v^2) + eps) (sCM Sec. 4.1)."""
     return v * torch.rsqrt(v.square().mean(dim=dim, keepdim=True) + eps)
@@ -51,9 +56,10 @@ class AdaptiveDoubleNorm(nn.Module):
         self.shift = nn.Linear(emb_channels, channels)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        s = pnorm(self.scale(emb))[:, :, None, None]
-        b = pnorm(self.shift(emb))[:, :, None, None]
-        return group_norm(x, self.groups) * s + b
+        with fp32_region(x):  # emb is float32; the modulation and the norm run in float32 too
+            s = pnorm(self.scale(emb))[:, :, None, None]
+            b = pnorm(self.shift(emb))[:, :, None, None]
+            return group_norm(x.to(s.dtype), self.groups) * s + b
 
 
 _M32 = 0xFFFFFFFF

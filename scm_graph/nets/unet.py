@@ -158,12 +158,13 @@ class UNet(nn.Module):
         class_labels: Tensor | None = None,
         dropout_key: Tensor | None = None,
     ) -> Tensor:
-        emb = self.map_noise(c_noise)
-        if self.map_label is not None:
-            if class_labels is None:
-                raise ValueError("this network is class-conditional: pass class_labels")
-            emb = emb + self.map_label(F.one_hot(class_labels, self.num_classes).to(emb.dtype))
-        emb = F.silu(self.map1(F.silu(self.map0(emb))))
+        with layers.fp32_region(x):  # t and the time embedding stay float32 under autocast (DESIGN.md sec. 2)
+            emb = self.map_noise(c_noise)
+            if self.map_label is not None:
+                if class_labels is None:
+                    raise ValueError("this network is class-conditional: pass class_labels")
+                emb = emb + self.map_label(F.one_hot(class_labels, self.num_classes).to(emb.dtype))
+            emb = F.silu(self.map1(F.silu(self.map0(emb))))
 
         h = self.conv_in(x)
         skips = [h]

@@ -5,6 +5,11 @@ already scaled by cos(t) sin(t) (the JVP rearrangement, Sec. 5.1), so
     dF = cos t sin t dF/dt,
     g  = -cos^2 t (sigma_d F^- - dx_t/dt) - r (cos t sin t x_t + sigma_d dF)  (= cos t df^-/dt at r = 1),
 then g / (||g|| + c) per sample, and L = e^{w}/D ||F_theta - F^- - g||^2 - w.
+
+Under bf16 / fp16 autocast the network (and its JVP) runs in half precision, but F^- and dF are cast
+back to float32 right after the JVP, and g, ||g||, the normalisation, the loss and w_phi(t) are
+computed in float32 (`fp32_island`, DESIGN.md Sec. 2). A sample whose F^- or g is not finite is
+masked: g := 0, F^- := 0, its input to the gradient pass := 0, loss weight 0, reported in `nonfinite`.
 """
 
 from __future__ import annotations
@@ -14,13 +19,17 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
 from scm_graph import trigflow
-from scm_graph.objectives import ObjectiveOut, StepInputs
+from scm_graph.objectives import ObjectiveOut, StepInputs, finite_samples, zero_unless
 from scm_graph.objectives.diffusion import w_of, weighted
+from scm_graph.precision import fp32_island
 from scm_graph.spec import ObjectiveSpec
 
 
 def tangent(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, x_t: Tensor, dxt: Tensor, cfg: ObjectiveSpec) -> tuple[Tensor, Tensor]:
-    """Return (F^-, g) with g the un-normalised tangent; no gradient flows out of either."""
+    """Return (F^-, g) with g the un-normalised tangent, both in x_t's dtype (float32 under autocast).
+
+    No gradient flows out of either.
+    """
     sigma_d, t = cfg.sigma_d, inp.t
     theta_minus = {k: v.detach() for k, v in params.items()}
     cos, sin = torch.cos(t), torch.sin(t)
@@ -31,9 +40,10 @@ def tangent(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, x_t: T
     cs = trigflow.expand(cos * sin, x_t)
     # JVP along (dx_t/dt / sigma_d, 1), pre-scaled by cos t sin t (Sec. 5.1 rearrangement)
     F_minus, dF = jvp(F_minus_fn, (x_t / sigma_d, t), (cs * dxt / sigma_d, cos * sin))
-    F_minus, dF = F_minus.detach(), dF.detach()
-    c2 = trigflow.expand(cos.square(), x_t)
-    g = -c2 * (sigma_d * F_minus - dxt) - trigflow.expand(inp.r, x_t) * (cs * x_t + sigma_d * dF)  # Algorithm 1
+    F_minus, dF = F_minus.detach().to(x_t.dtype), dF.detach().to(x_t.dtype)  # out of half precision at once
+    with fp32_island(x_t):
+        c2 = trigflow.expand(cos.square(), x_t)
+        g = -c2 * (sigma_d * F_minus - dxt) - trigflow.expand(inp.r, x_t) * (cs * x_t + sigma_d * dF)  # Algorithm 1
     return F_minus, g
 
 
@@ -50,8 +60,15 @@ def sct_loss(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, cfg: 
     x_t = trigflow.noisy(inp.x0, inp.z, inp.t)  # x_t = cos t x0 + sin t z
     dxt = trigflow.velocity(inp.x0, inp.z, inp.t)  # sCT: dx_t/dt = cos t z - sin t x0 (unbiased)
     F_minus, g = tangent(model, params, inp, x_t, dxt, cfg)
-    g, g_norm = normalize_tangent(g, cfg)
-    F = functional_call(model, params, (x_t / sigma_d, inp.t, inp.labels, inp.dropout_key))
-    mse = (F - F_minus - g).square().flatten(1).mean(1)  # (1/D)||F_theta - F^- - g||^2
-    w = w_of(model, params, inp.t, cfg)
-    return ObjectiveOut(weighted(mse, w), mse.detach(), w.detach(), g_norm)
+    ok = finite_samples(F_minus, g, x_t, inp.t)  # non-finite tangents are masked, never trained on
+    F_minus, g, x_t, t = zero_unless(ok, F_minus), zero_unless(ok, g), zero_unless(ok, x_t), zero_unless(ok, inp.t)
+    with fp32_island(g):
+        g, g_norm = normalize_tangent(g, cfg)
+    F = functional_call(model, params, (x_t / sigma_d, t, inp.labels, inp.dropout_key)).to(g.dtype)
+    with fp32_island(g):
+        ok = ok & finite_samples(F)
+        F = zero_unless(ok, F)  # a select: the masked samples pass back exact zeros, never 0 * inf
+        mse = (F - F_minus - g).square().flatten(1).mean(1)  # (1/D)||F_theta - F^- - g||^2
+        w = w_of(model, params, t, cfg)
+        loss = weighted(mse, w, ok)
+    return ObjectiveOut(loss, mse.detach(), w.detach(), g_norm, ~ok)
