@@ -48,9 +48,7 @@ def _methods() -> dict:
         "math": lambda q, k, v, dq, dk, dv: jvp(math_attention, (q, k, v), (dq, dk, dv)),
     }
     try:
-        from jvp_flash_attention.jvp_attention import (
-            attention as jfa,  # optional third-party baseline
-        )
+        from jvp_flash_attention.jvp_attention import attention as jfa  # optional third-party baseline
     except ImportError:
         return out
     out["jfa"] = lambda q, k, v, dq, dk, dv: jvp(jfa, (q, k, v), (dq, dk, dv))
@@ -66,8 +64,7 @@ def time_one(fn, args, dev: torch.device, reps: int, warmup: int) -> tuple[float
     """(median ms, peak extra MiB, dO) of fn(*args)."""
     with torch.no_grad():
         for _ in range(warmup):
-            out = fn(*args)
-        del out
+            fn(*args)
         _sync(dev)
         base = 0
         if dev.type == "cuda":
@@ -146,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--max-math-n", type=int, default=16384, help="skip the math JVP above this N")
-    p.add_argument("--out", default="", help="also write the markdown table here (e.g. docs/bench_attention_h100.md)")
+    p.add_argument("--out", default="", help="also append the markdown table to this file (e.g. docs/bench_attention_h100.md)")
     a = p.parse_args(argv)
     from scm_graph.sample import pick_device
 
@@ -159,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     print(md)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(md)
+        with open(a.out, "a") as f:  # appended, like `bench step`: one file can hold several runs
+            f.write(md + "\n")
 
 
 if __name__ == "__main__":

@@ -251,14 +251,7 @@ def _every(images_before: int, images_after: int, every: int) -> bool:
 
 def train(spec: Spec, out: Path, resume: bool = False, progress: bool = True) -> dict:
     """Run (or continue) training; returns the final summary record."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     t = spec.train
     if resume and not (out / CKPT).exists():
