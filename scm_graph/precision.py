@@ -2,8 +2,9 @@
 
 `TrainSpec.precision` picks the autocast dtype of the objective (network forward, JVP and backward);
 parameters and optimiser state stay float32. DESIGN.md Sec. 2 keeps t, the time embedding and the
-tangent arithmetic in float32: the objectives compute g, ||g||, the loss and w_phi(t) inside
-`fp32_island`. fp16 adds a dynamic loss scaler (`torch.amp.GradScaler`); bf16 needs none.
+tangent arithmetic in float32: the networks' embeddings and the objectives' g, ||g||, loss and
+w_phi(t) run inside `nets.layers.fp32_region`. fp16 adds a dynamic loss scaler
+(`torch.amp.GradScaler`); bf16 needs none.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import contextlib
 from contextlib import AbstractContextManager
 
 import torch
-from torch import Tensor
 
 from scm_graph.errors import UserError
 
@@ -30,11 +30,6 @@ def autocast(device_type: str, precision: str) -> AbstractContextManager:
     """The train step's autocast region (nothing at all for fp32, so the fp32 graph is unchanged)."""
     dtype = amp_dtype(precision)
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
-
-
-def fp32_island(like: Tensor) -> AbstractContextManager:
-    """Autocast off: ops inside run in their inputs' dtype (float32 tangents stay float32)."""
-    return torch.autocast(like.device.type, enabled=False)
 
 
 def make_scaler(device_type: str, precision: str) -> torch.amp.GradScaler:

@@ -7,8 +7,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from scm_graph import trigflow
+from scm_graph.nets.layers import fp32_region
 from scm_graph.objectives import ObjectiveOut, StepInputs, finite_samples, zero_unless
-from scm_graph.precision import fp32_island
 from scm_graph.spec import ObjectiveSpec
 
 
@@ -27,7 +27,7 @@ def w_of(model: nn.Module, params: dict[str, Tensor], t: Tensor, cfg: ObjectiveS
     """w_phi(t), always in float32 (autocast off: a time-embedding path, DESIGN.md Sec. 2)."""
     if not cfg.adaptive_weighting:
         return torch.zeros_like(t)
-    with fp32_island(t):
+    with fp32_region(t):
         return functional_call(model.w_phi, {k[6:]: v for k, v in params.items() if k.startswith("w_phi.")}, (t,))
 
 
@@ -38,7 +38,7 @@ def diffusion_loss(model: nn.Module, params: dict[str, Tensor], inp: StepInputs,
     ok = finite_samples(x_t, v_t, inp.t)  # non-finite data never reaches the gradient pass
     x_t, v_t, t = zero_unless(ok, x_t), zero_unless(ok, v_t), zero_unless(ok, inp.t)
     F = functional_call(model, params, (x_t / sigma_d, t, inp.labels, inp.dropout_key)).to(x_t.dtype)
-    with fp32_island(x_t):
+    with fp32_region(x_t):
         ok = ok & finite_samples(F)
         F = zero_unless(ok, F)  # a select: the masked samples pass back exact zeros, never 0 * inf
         mse = (sigma_d * F - v_t).square().flatten(1).mean(1)  # (1/D)||sigma_d F - v_t||^2 (Eq. 4)

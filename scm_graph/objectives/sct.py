@@ -8,7 +8,7 @@ then g / (||g|| + c) per sample, and L = e^{w}/D ||F_theta - F^- - g||^2 - w.
 
 Under bf16 / fp16 autocast the network (and its JVP) runs in half precision, but F^- and dF are cast
 back to float32 right after the JVP, and g, ||g||, the normalisation, the loss and w_phi(t) are
-computed in float32 (`fp32_island`, DESIGN.md Sec. 2). A sample whose F^- or g is not finite is
+computed in float32 (`fp32_region`, DESIGN.md Sec. 2). A sample whose F^- or g is not finite is
 masked: g := 0, F^- := 0, its input to the gradient pass := 0, loss weight 0, reported in `nonfinite`.
 """
 
@@ -19,9 +19,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
 from scm_graph import trigflow
+from scm_graph.nets.layers import fp32_region
 from scm_graph.objectives import ObjectiveOut, StepInputs, finite_samples, zero_unless
 from scm_graph.objectives.diffusion import w_of, weighted
-from scm_graph.precision import fp32_island
 from scm_graph.spec import ObjectiveSpec
 
 
@@ -41,7 +41,7 @@ def tangent(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, x_t: T
     # JVP along (dx_t/dt / sigma_d, 1), pre-scaled by cos t sin t (Sec. 5.1 rearrangement)
     F_minus, dF = jvp(F_minus_fn, (x_t / sigma_d, t), (cs * dxt / sigma_d, cos * sin))
     F_minus, dF = F_minus.detach().to(x_t.dtype), dF.detach().to(x_t.dtype)  # out of half precision at once
-    with fp32_island(x_t):
+    with fp32_region(x_t):
         c2 = trigflow.expand(cos.square(), x_t)
         g = -c2 * (sigma_d * F_minus - dxt) - trigflow.expand(inp.r, x_t) * (cs * x_t + sigma_d * dF)  # Algorithm 1
     return F_minus, g
@@ -62,10 +62,10 @@ def sct_loss(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, cfg: 
     F_minus, g = tangent(model, params, inp, x_t, dxt, cfg)
     ok = finite_samples(F_minus, g, x_t, inp.t)  # non-finite tangents are masked, never trained on
     F_minus, g, x_t, t = zero_unless(ok, F_minus), zero_unless(ok, g), zero_unless(ok, x_t), zero_unless(ok, inp.t)
-    with fp32_island(g):
+    with fp32_region(g):
         g, g_norm = normalize_tangent(g, cfg)
     F = functional_call(model, params, (x_t / sigma_d, t, inp.labels, inp.dropout_key)).to(g.dtype)
-    with fp32_island(g):
+    with fp32_region(g):
         ok = ok & finite_samples(F)
         F = zero_unless(ok, F)  # a select: the masked samples pass back exact zeros, never 0 * inf
         mse = (F - F_minus - g).square().flatten(1).mean(1)  # (1/D)||F_theta - F^- - g||^2
