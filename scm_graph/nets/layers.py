@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,7 +27,12 @@ class PositionalEmbedding(nn.Module):
 
 
 def fp32_region(x: Tensor):
-    """Autocast off: the time embedding and the adaptive-norm modulation stay float32 (DESIGN.md sec. 2)."""
+    """Autocast off: the time embedding and the adaptive-norm modulation stay float32 (DESIGN.md sec. 2).
+
+    Without autocast this is no context at all, so the fp32 graph has no autocast boundaries in it.
+    """
+    if not torch.is_autocast_enabled(x.device.type):
+        return contextlib.nullcontext()
     return torch.autocast(x.device.type, enabled=False)
 
 
