@@ -76,16 +76,20 @@ def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"attention shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
 
 
+def _run(op: str, fn: str, *args):
+    """Call `fn` of the Triton module or of the math fallback (looked up when the op runs), count it,
+    and return contiguous outputs: the layout the ops' fake kernels promise."""
+    q = args[1] if op == "bwd" else args[0]
+    backend = "triton" if _use_triton(q) else "math"
+    calls[f"{op}:{backend}"] += 1
+    impl = _kernels() if backend == "triton" else math_ref
+    return tuple(x.contiguous() for x in getattr(impl, fn)(*args))
+
+
 @torch.library.custom_op("scm_graph::attention_jvp", mutates_args=())
 def attention_jvp_op(q: Tensor, k: Tensor, v: Tensor, dq: Tensor, dk: Tensor, dv: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """(O, dO, LSE) of softmax(scale Q K^T) V along tangents (dQ, dK, dV), one fused pass."""
-    if _use_triton(q):
-        calls["jvp:triton"] += 1
-        out = _kernels().fwd_jvp(q, k, v, dq, dk, dv, scale)
-    else:
-        calls["jvp:math"] += 1
-        out = math_ref.fwd_jvp(q, k, v, dq, dk, dv, scale)
-    return tuple(x.contiguous() for x in out)  # the layout register_fake promises
+    return _run("jvp", "fwd_jvp", q, k, v, dq, dk, dv, scale)
 
 
 @attention_jvp_op.register_fake
@@ -98,13 +102,7 @@ def _(q, k, v, dq, dk, dv, scale):
 @torch.library.custom_op("scm_graph::attention_bwd", mutates_args=())
 def attention_bwd_op(grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of <grad_o, O> w.r.t. (Q, K, V) from the saved O and LSE."""
-    if _use_triton(q):
-        calls["bwd:triton"] += 1
-        out = _kernels().bwd(grad_o.contiguous(), q, k, v, o, lse, scale)
-    else:
-        calls["bwd:math"] += 1
-        out = math_ref.bwd(grad_o, q, k, v, o, lse, scale)
-    return tuple(x.contiguous() for x in out)  # the layout register_fake promises
+    return _run("bwd", "bwd", grad_o, q, k, v, o, lse, scale)
 
 
 @attention_bwd_op.register_fake
