@@ -29,3 +29,7 @@ digits:
     [ -f shards/digits/manifest.json ] || python -m scm_graph.shard digits
     python -m scm_graph.train specs/digits_sct.py
     python -m scm_graph.eval --ckpt runs/digits_sct/ckpt.safetensors --steps 1 2 --floor
+
+# Regenerate the golden-loss file (only for a numerics change made on purpose, in its own commit)
+golden:
+    python -m tests.train.test_golden_loss --write
