@@ -1,11 +1,12 @@
 """Checkpoints: one safetensors file with JSON metadata (never pickle).
 
 A checkpoint holds everything to resume training exactly (weights, EMA, optimizer state, RNG states,
-counters) and the resolved spec, so it alone rebuilds the model. Layout: tensors under `net.`,
-`ema.`, `optim.state.<param_index>.<key>`, `rng.<name>` (and `optim.ref.<n>` for the rare tensor
-nested elsewhere in the optimizer state); metadata keys `format`, `spec`, `step`, `images`,
-`optim_param_groups`, `optim_scalars`, `grad_scaler` (fp16 loss-scaler state; absent in older
-files) and `meta` (JSON strings).
+counters) and the resolved spec, so it alone rebuilds the model. Layout: tensors under `net.`, `ema.`,
+`optim.state.<param_index>.<key>`, `rng.<name>` (and `optim.ref.<n>` for the rare tensor nested
+elsewhere in the optimizer state); metadata keys `format`, `spec`, `step`, `images`,
+`optim_param_groups`, `optim_scalars`, `grad_scaler` (fp16 loss-scaler state; absent in older files)
+and `meta` (JSON strings). Files of an older format version are read and brought to today's
+parameter names (`READABLE`); files are always written in the newest.
 """
 
 from __future__ import annotations
@@ -23,8 +24,29 @@ from safetensors import safe_open
 
 from scm_graph.errors import UserError
 
-FORMAT = "scm_graph.checkpoint/1"
+FORMAT = "scm_graph.checkpoint/2"
 _FORMAT_FAMILY = "scm_graph.checkpoint/"
+# Version 1 (scm_graph 0.1) named the networks' conditioning layers differently; the parameter order,
+# hence the optimizer state's indices, is unchanged. Prefixes of model parameter names, old -> new.
+_V1_RENAMES = (
+    ("net.map_label.", "net.emb.label."),
+    ("net.map_guidance.", "net.emb.guidance."),
+    ("net.map0.", "net.emb.fc0."),
+    ("net.map1.", "net.emb.fc1."),
+)
+READABLE = {"scm_graph.checkpoint/1": _V1_RENAMES, FORMAT: ()}  # format -> the renames that bring it to today's names
+
+
+def _rename(state: dict[str, torch.Tensor], renames: tuple[tuple[str, str], ...]) -> dict[str, torch.Tensor]:
+    """`state` with each name that starts with an old prefix moved to the new one."""
+    out = {}
+    for k, v in state.items():
+        for old, new in renames:
+            if k.startswith(old):
+                k = new + k[len(old):]
+                break
+        out[k] = v
+    return out
 
 
 @dataclass
@@ -180,8 +202,8 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     """Header metadata of an scm_graph checkpoint, without loading tensors."""
     path = Path(path)
     md = _raw_metadata(path)
-    if md.get("format") != FORMAT:
-        found = f" (format {md['format']!r}, expected {FORMAT!r})" if "format" in md else ""
+    if md.get("format") not in READABLE:
+        found = f" (format {md['format']!r}, expected one of {', '.join(READABLE)})" if "format" in md else ""
         raise UserError(f"checkpoint {path} has no scm_graph metadata{found}")
     return md
 
@@ -240,12 +262,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             optim = {"state": dict(sorted(state.items())), "param_groups": _decode(groups, refs)}
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"checkpoint {path}: corrupt contents ({_first_line(e)})") from None
+    renames = READABLE[md["format"]]
     return Checkpoint(
         spec_json=md["spec"],
         step=step,
         images=images,
-        net=net,
-        ema=ema or None,
+        net=_rename(net, renames),
+        ema=_rename(ema, renames) or None,
         optim=optim,
         rng=rng,
         scaler=scaler,

@@ -1,23 +1,30 @@
-"""The trained module: network F_theta plus the adaptive weighting w_phi(t), built from a spec.
+"""The trained module: the TrigFlow parameterisation around a backbone, plus the adaptive weighting w_phi(t).
 
-`TrigFlowModel.forward(x_in, t, labels, dropout_key)` returns F_theta(x_t / sigma_d, c_noise(t));
-callers pass x_in = x_t / sigma_d. `w_phi` is a separate submodule, never inside the JVP.
+`TrigFlowModel` owns sigma_d and the input scaling, as EDM2's `Precond` does: callers pass x_t and t,
+and `model(x_t, t, labels, dropout_key)` returns F_theta(x_t / sigma_d, c_noise(t)) (sCM Sec. 3 and 4.1).
+The backbone (`scm_graph.nets`) only ever sees the unit-variance input and c_noise. `w_phi` is a
+separate submodule, never inside the JVP.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import Tensor, nn
 
 from scm_graph import trigflow
+from scm_graph.errors import UserError
 from scm_graph.nets.dit import DiT
-from scm_graph.nets.layers import PositionalEmbedding
+from scm_graph.nets.dit import check_config as check_dit
+from scm_graph.nets.embedding import PositionalEmbedding
 from scm_graph.nets.unet import UNet
+from scm_graph.nets.unet import check_config as check_unet
 from scm_graph.spec import Spec
 
 
 class AdaptiveWeight(nn.Module):
-    """w_phi(t): a linear layer on a positional embedding of c_noise(t), zero-initialised (EDM2 style)."""
+    """w_phi(t): a linear layer on a positional embedding of c_noise(t), zero-initialised (EDM2 style; sCM Eq. 8)."""
 
     def __init__(self, channels: int = 128):
         super().__init__()
@@ -31,13 +38,36 @@ class AdaptiveWeight(nn.Module):
 
 
 class TrigFlowModel(nn.Module):
-    def __init__(self, net: nn.Module, w_phi: AdaptiveWeight):
+    """F_theta(x_t / sigma_d, c_noise(t), cond) around `net`; `sigma_d` is a constant of the model."""
+
+    def __init__(self, net: nn.Module, w_phi: AdaptiveWeight, sigma_d: float):
         super().__init__()
         self.net = net
         self.w_phi = w_phi
+        self.sigma_d = float(sigma_d)
 
-    def forward(self, x_in: Tensor, t: Tensor, labels: Tensor | None = None, dropout_key: Tensor | None = None) -> Tensor:
-        return self.net(x_in, trigflow.c_noise(t), labels, dropout_key)
+    def forward(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None, dropout_key: Tensor | None = None) -> Tensor:
+        return self.net(x_t / self.sigma_d, trigflow.c_noise(t), labels, dropout_key)  # F_theta(x_t / sigma_d, c_noise(t))
+
+
+def check_net(spec: Spec) -> None:
+    """The network's shape checks for this spec, as one-line UserErrors naming the field (`net.unet.head_dim: ...`).
+
+    U-Net levels depend on the image resolution, so they are checked once the spec is resolved
+    (resolution 0 skips them); `build_model` runs the same checks.
+    """
+    n, resolution = spec.net, spec.data.resolution
+    for name, value in dataclasses.asdict(n.unet if n.arch == "unet" else n.dit).items():
+        values = value if isinstance(value, tuple) else (value,)
+        if name != "attn_resolutions" and not (values and all(v > 0 for v in values)):
+            raise UserError(f"net.{n.arch}.{name} must be positive, got {value}")
+    try:
+        if n.arch == "dit":
+            check_dit(resolution, n.dit.width, n.dit.patch_size, n.dit.head_dim)
+        elif resolution:
+            check_unet(resolution, n.unet.channels, n.unet.channel_mult, n.unet.attn_resolutions, n.unet.head_dim)
+    except ValueError as e:  # the nets name the field: "head_dim: ..."
+        raise UserError(f"net.{n.arch}.{e}") from None
 
 
 def build_model(spec: Spec) -> TrigFlowModel:
@@ -45,39 +75,16 @@ def build_model(spec: Spec) -> TrigFlowModel:
     d, n = spec.data, spec.net
     if not d.resolution or not d.channels:
         raise ValueError("build_model needs a resolved spec (data.resolution / data.channels)")
+    check_net(spec)
     num_classes = d.num_classes if n.class_conditional else 0
     net: nn.Module
     if n.arch == "dit":
-        net = DiT(
-            d.resolution,
-            d.channels,
-            width=n.channels,
-            depth=n.depth,
-            patch_size=n.patch_size,
-            head_dim=n.head_dim,
-            mlp_ratio=n.mlp_ratio,
-            dropout=n.dropout,
-            emb_mult=n.emb_mult,
-            num_classes=num_classes,
-            guidance_conditional=False,  # sCD (which supplies the guidance scale) is not built yet
-        )
+        net = DiT(d.resolution, d.channels, **dataclasses.asdict(n.dit), dropout=n.dropout, num_classes=num_classes)
     elif n.arch == "unet":
-        net = UNet(
-            d.resolution,
-            d.channels,
-            channels=n.channels,
-            channel_mult=tuple(n.channel_mult),
-            num_blocks=n.num_blocks,
-            dropout=n.dropout,
-            emb_mult=n.emb_mult,
-            num_classes=num_classes,
-            norm_groups=n.norm_groups,
-            attn_resolutions=tuple(n.attn_resolutions),
-            head_dim=n.head_dim,
-        )
+        net = UNet(d.resolution, d.channels, **dataclasses.asdict(n.unet), dropout=n.dropout, num_classes=num_classes)
     else:
         raise ValueError(f"unknown net.arch {n.arch!r}: expected 'unet' or 'dit'")
-    return TrigFlowModel(net, AdaptiveWeight())
+    return TrigFlowModel(net, AdaptiveWeight(), spec.objective.sigma_d)
 
 
 def num_params(module: nn.Module) -> int:

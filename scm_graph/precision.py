@@ -1,9 +1,9 @@
 """Mixed precision of the train step: the autocast region, its float32 islands, and the fp16 loss scaler.
 
 `TrainSpec.precision` picks the autocast dtype of the objective (network forward, JVP and backward);
-parameters and optimiser state stay float32. DESIGN.md Sec. 2 keeps t, the time embedding and the
-tangent arithmetic in float32: the networks' embeddings and the objectives' g, ||g||, loss and
-w_phi(t) run inside `nets.layers.fp32_region`. fp16 adds a dynamic loss scaler
+parameters and optimiser state stay float32. t, the time embedding and the tangent arithmetic stay in
+float32 (docs/design.md, "Mixed precision"): the networks' embeddings and modulations and the
+objectives' g, ||g||, loss and w_phi(t) run inside `fp32_region`. fp16 adds a dynamic loss scaler
 (`torch.amp.GradScaler`); bf16 needs none.
 """
 
@@ -24,6 +24,16 @@ def amp_dtype(precision: str) -> torch.dtype | None:
     if precision not in AMP_DTYPES:
         raise UserError(f"train.precision must be one of {', '.join(AMP_DTYPES)}, got {precision!r}")
     return AMP_DTYPES[precision]
+
+
+def fp32_region(x: torch.Tensor) -> AbstractContextManager:
+    """Autocast off around a float32 island (time embedding, modulation, tangent arithmetic, loss).
+
+    Without autocast this is no context at all, so the fp32 graph has no autocast boundaries in it.
+    """
+    if not torch.is_autocast_enabled(x.device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def autocast(device_type: str, precision: str) -> AbstractContextManager:

@@ -1,18 +1,19 @@
-"""Experiment specs: a tree of frozen dataclasses, built in `specs/NAME.py`, overridden from the CLI.
+"""Experiment specs: a tree of frozen dataclasses and its JSON round trip. Data only.
 
-A spec file defines `SPEC = Spec(...)`. `load_spec(path, overrides)` imports it and applies tyro
-overrides (`--train.batch 64`). The *resolved* spec (shape fields filled from the shard manifest) is
-stored as JSON in every checkpoint, so a checkpoint alone rebuilds its model.
+A spec file `specs/NAME.py` defines `SPEC = Spec(...)`; `scm_graph.specfile` imports it and applies
+command-line overrides (`--train.batch 64`). The *resolved* spec (shape fields filled from the shard
+manifest by `scm_graph.data.manifest.resolve_spec`) is stored as JSON in every checkpoint, so a
+checkpoint alone rebuilds its model. Each component reads its own section; the network's
+per-architecture settings sit in `net.unet` and `net.dit`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
+import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import tyro
@@ -47,33 +48,69 @@ class DataSpec:
 
 
 @dataclass(frozen=True)
-class NetSpec:
-    arch: Literal["unet", "dit"] = "unet"
-    """Backbone: 'unet' (DDPM++-style U-Net) or 'dit' (DiT transformer on patches); both with positional time embedding and adaptive double normalisation."""
+class UNetSpec:
+    """The DDPM++-style U-Net (`scm_graph.nets.unet`); read only when `net.arch` is 'unet'."""
+
     channels: int = 128
-    """Base channel count (DDPM++ CIFAR-10: 128); the token width for the DiT."""
+    """Base channel count (DDPM++ CIFAR-10: 128)."""
     channel_mult: tuple[int, ...] = (2, 2, 2)
-    """Channel multiplier per resolution level (DDPM++ CIFAR-10: 2 2 2). U-Net only."""
+    """Channel multiplier per resolution level (DDPM++ CIFAR-10: 2 2 2)."""
     num_blocks: int = 4
-    """Residual blocks per resolution level (DDPM++ CIFAR-10: 4). U-Net only."""
+    """Residual blocks per resolution level (DDPM++ CIFAR-10: 4)."""
     attn_resolutions: tuple[int, ...] = ()
-    """U-Net resolutions with self-attention after each residual block (DDPM++ CIFAR-10: 16; EDM2: 16 8); non-empty also puts one in the middle."""
-    dropout: float = 0.0
-    """Dropout probability inside residual blocks."""
+    """Resolutions with self-attention after each residual block (DDPM++ CIFAR-10: 16; EDM2: 16 8); non-empty also puts one in the middle."""
+    head_dim: int = 64
+    """Attention head width: heads = channels at that level // head_dim."""
+    norm_groups: int = 32
+    """Group-norm groups (capped at channels // 4)."""
     emb_mult: int = 4
     """Time-embedding width as a multiple of `channels`."""
+
+
+@dataclass(frozen=True)
+class DiTSpec:
+    """The DiT transformer on patches (`scm_graph.nets.dit`); read only when `net.arch` is 'dit'."""
+
+    width: int = 384
+    """Token width (DiT-S: 384)."""
+    depth: int = 12
+    """Transformer blocks (DiT-S: 12)."""
+    patch_size: int = 2
+    """Patch side; the image resolution must be divisible by it."""
+    head_dim: int = 64
+    """Attention head width: heads = width // head_dim."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width as a multiple of `width`."""
+    emb_mult: int = 1
+    """Time-embedding width as a multiple of `width`."""
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    arch: Literal["unet", "dit"] = "unet"
+    """Backbone: 'unet' (settings in net.unet) or 'dit' (settings in net.dit); both with positional time embedding and adaptive double normalisation."""
+    dropout: float = 0.0
+    """Dropout probability inside residual blocks (U-Net) or MLPs (DiT)."""
     class_conditional: bool = False
     """Condition on the class label (needs labelled shards)."""
-    norm_groups: int = 32
-    """Group-norm groups (capped at channels // 4). U-Net only."""
-    head_dim: int = 64
-    """Attention head width (U-Net attention blocks and DiT): heads = width // head_dim."""
-    patch_size: int = 2
-    """DiT patch side; the image resolution must be divisible by it."""
-    depth: int = 12
-    """DiT transformer blocks."""
-    mlp_ratio: float = 4.0
-    """DiT MLP hidden width as a multiple of the token width (channels)."""
+    unet: UNetSpec = field(default_factory=UNetSpec)
+    dit: DiTSpec = field(default_factory=DiTSpec)
+
+
+# The flat NetSpec fields of scm_graph 0.1 (spec JSON in older checkpoints, old CLI flags) and where
+# each lives now; `spec_from_json` maps old JSON, `scm_graph.specfile` names the new flag.
+LEGACY_NET_FIELDS: dict[str, tuple[str, ...]] = {
+    "channels": ("unet.channels", "dit.width"),
+    "channel_mult": ("unet.channel_mult",),
+    "num_blocks": ("unet.num_blocks",),
+    "attn_resolutions": ("unet.attn_resolutions",),
+    "norm_groups": ("unet.norm_groups",),
+    "head_dim": ("unet.head_dim", "dit.head_dim"),
+    "emb_mult": ("unet.emb_mult", "dit.emb_mult"),
+    "patch_size": ("dit.patch_size",),
+    "depth": ("dit.depth",),
+    "mlp_ratio": ("dit.mlp_ratio",),
+}
 
 
 @dataclass(frozen=True)
@@ -166,173 +203,47 @@ def spec_to_json(spec: Spec) -> str:
 
 
 def _from_dict(cls: type, d: dict[str, Any]) -> Any:
+    """Rebuild a dataclass (nested ones too) from `asdict` output; lists become tuples, unknown keys are ignored."""
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in d:
-            continue
+            continue  # written before the field existed: its default
         v = d[f.name]
-        sub = _SUBSPECS.get(f.name) if cls is Spec else None
-        if sub is not None:
-            v = _from_dict(sub, v)
+        if dataclasses.is_dataclass(hints[f.name]):
+            v = _from_dict(hints[f.name], v)
         elif isinstance(v, list):
             v = tuple(v)
         kwargs[f.name] = v
     return cls(**kwargs)
 
 
-_SUBSPECS: dict[str, type] = {
-    "data": DataSpec,
-    "net": NetSpec,
-    "objective": ObjectiveSpec,
-    "optim": OptimSpec,
-    "train": TrainSpec,
-}
+def _upgrade_net(net: dict[str, Any]) -> dict[str, Any]:
+    """A flat 0.1 `net` section -> the nested one (fields it lacks keep today's defaults)."""
+    if not any(k in net for k in LEGACY_NET_FIELDS):
+        return net
+    out: dict[str, Any] = {k: v for k, v in net.items() if k not in LEGACY_NET_FIELDS}
+    for old, news in LEGACY_NET_FIELDS.items():
+        if old in net:
+            for new in news:
+                arch, name = new.split(".")
+                out.setdefault(arch, {})[name] = net[old]
+    return out
 
 
 def spec_from_json(text: str) -> Spec:
-    return _from_dict(Spec, json.loads(text))
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading spec files and CLI overrides
-
-
-def read_spec_file(path: str | Path) -> Spec:
-    """Import `specs/NAME.py` and return its `SPEC`."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"spec file not found: {path}")
-    mod_name = f"_scm_spec_{path.stem}"
-    loader_spec = importlib.util.spec_from_file_location(mod_name, path)
-    if loader_spec is None or loader_spec.loader is None:
-        raise UserError(f"not a Python spec file: {path}")
-    module = importlib.util.module_from_spec(loader_spec)
-    import sys
-
-    sys.path.insert(0, str(path.parent.resolve()))  # a spec may import its sibling specs
-    try:
-        loader_spec.loader.exec_module(module)
-    except Exception as e:  # a broken spec file is user input
-        raise UserError(f"spec file {path} failed to load: {type(e).__name__}: {e}") from e
-    finally:
-        sys.path.remove(str(path.parent.resolve()))
-    spec = getattr(module, "SPEC", None)
-    if not isinstance(spec, Spec):
-        raise UserError(f"spec file {path} must define SPEC = Spec(...)")
-    return spec
-
-
-_BOOL_WORDS = {"true": "True", "false": "False", "yes": "True", "no": "False", "on": "True", "off": "False"}
-
-
-def apply_overrides(spec: Spec, args: list[str], prog: str = "scm_graph.train") -> Spec:
-    """Apply `--field.sub value` overrides with tyro; one-line UserError on bad input.
-
-    `--help` prints every field with its help text and exits 0.
-    """
-    import contextlib
-    import io
-
-    bool_flags = _bool_flags(Spec)
-    args = [_BOOL_WORDS.get(a.lower(), a) if i and args[i - 1] in bool_flags else a for i, a in enumerate(args)]
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            return tyro.cli(
-                Spec,
-                default=spec,
-                args=args,
-                prog=prog,
-                config=(tyro.conf.FlagConversionOff,),
-            )
-    except SystemExit as e:
-        if e.code in (0, None):
-            raise
-        raise UserError(_first_tyro_line(err.getvalue()) or f"bad arguments: {' '.join(args)}") from None
-
-
-def _bool_flags(cls: type, prefix: str = "") -> set[str]:
-    """`--a.b` and `--a-b` spellings of every bool field, so `--train.compile false` works."""
-    import typing
-
-    flags: set[str] = set()
-    hints = typing.get_type_hints(cls, include_extras=True)
-    for f in dataclasses.fields(cls):
-        name, hint = f"{prefix}{f.name}", hints[f.name]
-        sub = _SUBSPECS.get(f.name) if cls is Spec else None
-        if sub is not None:
-            flags |= _bool_flags(sub, name + ".")
-        elif typing.get_origin(hint) is Annotated and typing.get_args(hint)[0] is bool or hint is bool:
-            flags |= {f"--{name}", f"--{name.replace('_', '-')}"}
-            for meta in getattr(hint, "__metadata__", ()):
-                flags |= set(getattr(meta, "aliases", None) or ())
-    return flags
-
-
-def _first_tyro_line(text: str) -> str:
-    """tyro draws a titled box; keep its first paragraph (wrapped lines joined) as one line."""
-    parts: list[str] = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line.startswith("│"):
-            if parts:
-                break
-            continue
-        s = line.strip("│ ").strip()
-        if not s or set(s) == {"─"}:
-            if parts:
-                break
-            continue
-        parts.append(s)
-    return " ".join(parts)
-
-
-def resolve(spec: Spec, manifest: Any) -> Spec:
-    """Fill the shape fields of `spec.data` from a shard manifest (see scm_graph.data.Manifest)."""
-    d = spec.data
-    shape = tuple(manifest.shape)  # (C, H, W)
-    if d.resolution and d.resolution != shape[-1]:
-        raise UserError(f"spec wants resolution {d.resolution} but shards {d.name} hold {shape[-1]}")
-    if d.channels and d.channels != shape[0]:
-        raise UserError(f"spec wants {d.channels} channels but shards {d.name} hold {shape[0]}")
-    if spec.net.class_conditional and not manifest.num_classes:
-        raise UserError(f"net.class_conditional needs labelled shards; {d.name} has no labels")
-    d = dataclasses.replace(
-        d,
-        resolution=shape[-1],
-        channels=shape[0],
-        num_classes=d.num_classes or manifest.num_classes,
-        mean=d.mean or tuple(float(m) for m in manifest.mean),
-        std=d.std or tuple(float(s) for s in manifest.std),
-    )
-    return dataclasses.replace(spec, data=d)
+    d = json.loads(text)
+    if isinstance(d.get("net"), dict):
+        d["net"] = _upgrade_net(d["net"])
+    return _from_dict(Spec, d)
 
 
 def validate(spec: Spec) -> None:
-    """Cheap semantic checks with one-line messages."""
+    """Cheap checks of single values with one-line messages (network shapes are checked where networks are built)."""
     t = spec.train
     if t.batch <= 0 or t.total_images <= 0:
         raise UserError("train.batch and train.total_images must be positive")
-    _validate_net(spec)
     if not 0.0 <= spec.net.dropout < 1.0:
         raise UserError("net.dropout must be in [0, 1)")
     if spec.objective.sigma_d <= 0 or not math.isfinite(spec.objective.sigma_d):
         raise UserError("objective.sigma_d must be positive")
-
-
-def _validate_net(spec: Spec) -> None:
-    """Network shape checks, done by the networks' own config checks (ValueError -> one-line UserError)."""
-    n, resolution = spec.net, spec.data.resolution
-    if n.head_dim <= 0 or n.patch_size <= 0 or n.depth <= 0 or not n.mlp_ratio > 0:
-        raise UserError("net.head_dim, net.patch_size, net.depth and net.mlp_ratio must be positive")
-    try:
-        if n.arch == "dit":  # resolution 0 (not resolved yet) skips the patch check
-            from scm_graph.nets.dit import check_config as check_dit
-
-            check_dit(resolution, n.channels, n.patch_size, n.head_dim)
-        elif resolution:  # U-Net levels depend on the resolution: checked once the spec is resolved
-            from scm_graph.nets.unet import check_config as check_unet
-
-            check_unet(resolution, n.channels, tuple(n.channel_mult), tuple(n.attn_resolutions), n.head_dim)
-    except ValueError as e:
-        raise UserError(f"net.{e}") from None

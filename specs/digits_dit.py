@@ -5,13 +5,13 @@ Training settings are digits_sct's; the time embedding is as wide as the tokens 
 
 import dataclasses
 
-from scm_graph.spec import NetSpec
+from scm_graph.spec import DiTSpec, NetSpec
 
 from digits_sct import SPEC as _SCT  # noqa: E402  (specs/ is on the path while a spec loads)
 
 SPEC = dataclasses.replace(
     _SCT,
     name="digits_dit",
-    net=NetSpec(arch="dit", channels=64, depth=4, patch_size=2, head_dim=32, mlp_ratio=4.0, emb_mult=1,
-                dropout=_SCT.net.dropout),
+    net=NetSpec(arch="dit", dropout=_SCT.net.dropout,
+                dit=DiTSpec(width=64, depth=4, patch_size=2, head_dim=32, mlp_ratio=4.0, emb_mult=1)),
 )

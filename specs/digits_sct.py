@@ -1,11 +1,11 @@
 """sCT from scratch on scikit-learn's 8x8 digits: the default run (README), minutes on 2 CPU cores."""
 
-from scm_graph.spec import DataSpec, NetSpec, ObjectiveSpec, OptimSpec, Spec, TrainSpec
+from scm_graph.spec import DataSpec, NetSpec, ObjectiveSpec, OptimSpec, Spec, TrainSpec, UNetSpec
 
 SPEC = Spec(
     name="digits_sct",
     data=DataSpec(name="digits", normalize="channel", shuffle_buffer=1797),
-    net=NetSpec(channels=32, channel_mult=(1, 2), num_blocks=2, dropout=0.1, norm_groups=8),
+    net=NetSpec(dropout=0.1, unet=UNetSpec(channels=32, channel_mult=(1, 2), num_blocks=2, norm_groups=8)),
     objective=ObjectiveSpec(kind="sct", sigma_d=0.5, P_mean=-1.0, P_std=1.4, tangent_c=0.1, warmup_images=30_000),
     optim=OptimSpec(kind="radam", lr=1e-3, betas=(0.9, 0.99), eps=1e-8),
     train=TrainSpec(

@@ -7,5 +7,5 @@ from digits_sct import SPEC as _SCT  # noqa: E402  (specs/ is on the path while 
 SPEC = dataclasses.replace(
     _SCT,
     name="digits_sct_attn",
-    net=dataclasses.replace(_SCT.net, attn_resolutions=(8, 4), head_dim=32),
+    net=dataclasses.replace(_SCT.net, unet=dataclasses.replace(_SCT.net.unet, attn_resolutions=(8, 4), head_dim=32)),
 )

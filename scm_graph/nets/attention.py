@@ -12,7 +12,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from scm_graph import ops
-from scm_graph.nets import layers
+from scm_graph.nets.norm import group_norm, num_groups
 
 
 def num_heads(channels: int, head_dim: int) -> int:
@@ -31,7 +31,7 @@ class SelfAttention2d(nn.Module):
     def __init__(self, channels: int, head_dim: int = 64, groups: int = 32):
         super().__init__()
         self.heads = num_heads(channels, head_dim)
-        self.groups = layers.norm_groups(channels, groups)
+        self.groups = num_groups(channels, groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
         nn.init.zeros_(self.proj.weight)
@@ -39,7 +39,7 @@ class SelfAttention2d(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
         h, w = x.shape[-2:]
-        qkv = self.qkv(layers.group_norm(x, self.groups))
+        qkv = self.qkv(group_norm(x, self.groups))
         q, k, v = rearrange(qkv, "b (three m d) h w -> three b m (h w) d", three=3, m=self.heads)
         o = ops.attention(q, k, v)  # softmax(Q K^T / sqrt(d)) V
         o = rearrange(o, "b m (h w) d -> b (m d) h w", h=h, w=w)

@@ -16,7 +16,9 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from scm_graph import ops
-from scm_graph.nets.layers import KeyedDropout, PositionalEmbedding, fp32_region, pnorm
+from scm_graph.nets.dropout import KeyedDropout
+from scm_graph.nets.embedding import ConditionEmbedding
+from scm_graph.nets.norm import TokenAdaptiveNorm
 
 
 def check_config(img_resolution: int, width: int, patch_size: int, head_dim: int) -> None:
@@ -36,22 +38,6 @@ def sincos_2d(grid: int, width: int) -> Tensor:
     i, j = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
     ai, aj = i.reshape(-1, 1) * w, j.reshape(-1, 1) * w
     return torch.cat([ai.sin(), ai.cos(), aj.sin(), aj.cos()], dim=1).float()
-
-
-class TokenAdaptiveNorm(nn.Module):
-    """y = layer_norm(x) * pnorm(s(emb)) + pnorm(b(emb)) over the channel (last) dim of [B, N, C] tokens (sCM Sec. 4.1)."""
-
-    def __init__(self, width: int, emb_channels: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.scale = nn.Linear(emb_channels, width)
-        self.shift = nn.Linear(emb_channels, width)
-
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        with fp32_region(x):  # emb is float32; the modulation and the norm run in float32 too
-            s = pnorm(self.scale(emb), dim=-1)[:, None, :]
-            b = pnorm(self.shift(emb), dim=-1)[:, None, :]
-            return F.layer_norm(x.to(s.dtype), x.shape[-1:], eps=self.eps) * s + b  # affine-free LN (affine breaks compiled jvp)
 
 
 class DiTBlock(nn.Module):
@@ -103,17 +89,9 @@ class DiT(nn.Module):
         check_config(img_resolution, width, patch_size, head_dim)
         emb_ch = width * emb_mult
         self.patch_size = patch_size
-        self.num_classes = num_classes
         self.patchify = nn.Conv2d(img_channels, width, patch_size, stride=patch_size)
         self.register_buffer("pos", sincos_2d(img_resolution // patch_size, width)[None], persistent=False)
-        self.map_noise = PositionalEmbedding(width)
-        self.map_label = nn.Linear(num_classes, width, bias=False) if num_classes else None
-        self.map_guidance = nn.Linear(width, width) if guidance_conditional else None
-        if self.map_guidance is not None:
-            nn.init.zeros_(self.map_guidance.weight)
-            nn.init.zeros_(self.map_guidance.bias)
-        self.map0 = nn.Linear(width, emb_ch)
-        self.map1 = nn.Linear(emb_ch, emb_ch)
+        self.emb = ConditionEmbedding(width, emb_ch, num_classes, guidance_conditional)
         heads = width // head_dim
         self.blocks = nn.ModuleList(
             DiTBlock(width, emb_ch, heads, mlp_ratio, dropout, salt=i + 1) for i in range(depth)
@@ -131,17 +109,7 @@ class DiT(nn.Module):
         dropout_key: Tensor | None = None,
         guidance: Tensor | None = None,
     ) -> Tensor:
-        with fp32_region(x):  # t and the time embedding stay float32 under autocast (DESIGN.md sec. 2)
-            emb = self.map_noise(c_noise)
-            if self.map_label is not None:
-                if class_labels is None:
-                    raise ValueError("this network is class-conditional: pass class_labels")
-                emb = emb + self.map_label(F.one_hot(class_labels, self.num_classes).to(emb.dtype))
-            if self.map_guidance is not None:
-                if guidance is None:
-                    raise ValueError("this network is guidance-conditional: pass guidance (the CFG scale s, shape [B])")
-                emb = emb + self.map_guidance(self.map_noise(guidance))  # extra input s for the CFG scale (sCM Sec. 5.2, Meng et al. 2023)
-            emb = F.silu(self.map1(F.silu(self.map0(emb))))
+        emb = self.emb(c_noise, class_labels, guidance)  # float32 [B, emb_ch]
 
         p, h = self.patch_size, x.shape[-2]
         tokens = rearrange(self.patchify(x), "b c h w -> b (h w) c") + self.pos.to(x.dtype)

@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scm_graph.nets import layers
 from scm_graph.nets.attention import SelfAttention2d, num_heads
-from scm_graph.nets.layers import AdaptiveDoubleNorm, KeyedDropout, PositionalEmbedding, group_norm
+from scm_graph.nets.dropout import KeyedDropout
+from scm_graph.nets.embedding import ConditionEmbedding
+from scm_graph.nets.norm import GroupAdaptiveNorm, group_norm, num_groups
 
 
 class ResBlock(nn.Module):
@@ -35,9 +36,9 @@ class ResBlock(nn.Module):
     ):
         super().__init__()
         self.resample = resample
-        self.groups0 = layers.norm_groups(in_channels, groups)
+        self.groups0 = num_groups(in_channels, groups)
         self.conv0 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm1 = AdaptiveDoubleNorm(out_channels, emb_channels, groups)
+        self.norm1 = GroupAdaptiveNorm(out_channels, emb_channels, groups)
         self.dropout = KeyedDropout(dropout, salt)
         self.conv1 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.skip = None
@@ -90,7 +91,7 @@ def check_config(
 
 
 class UNet(nn.Module):
-    """F(x, c_noise, class_labels): [B, C, H, W] -> [B, C, H, W]."""
+    """F(x, c_noise, class_labels, dropout_key, guidance): [B, C, H, W] -> [B, C, H, W]."""
 
     def __init__(
         self,
@@ -106,15 +107,12 @@ class UNet(nn.Module):
         norm_groups: int = 32,
         attn_resolutions: tuple[int, ...] = (),
         head_dim: int = 64,
+        guidance_conditional: bool = False,
     ):
         super().__init__()
         has_attn = check_config(img_resolution, channels, tuple(channel_mult), tuple(attn_resolutions), head_dim)
         emb_ch = channels * emb_mult
-        self.num_classes = num_classes
-        self.map_noise = PositionalEmbedding(channels)
-        self.map_label = nn.Linear(num_classes, channels, bias=False) if num_classes else None
-        self.map0 = nn.Linear(channels, emb_ch)
-        self.map1 = nn.Linear(emb_ch, emb_ch)
+        self.emb = ConditionEmbedding(channels, emb_ch, num_classes, guidance_conditional)
 
         salt = iter(range(1, 1 << 20))
         blk = dict(emb_channels=emb_ch, dropout=dropout, groups=norm_groups)
@@ -146,7 +144,7 @@ class UNet(nn.Module):
                 self.dec.append(with_attn(ResBlock(cin, cout, salt=next(salt), **blk), cout, has_attn[level]))
             if level > 0:
                 self.dec.append(ResBlock(cout, cout, resample="up", salt=next(salt), **blk))
-        self.out_groups = layers.norm_groups(cout, norm_groups)
+        self.out_groups = num_groups(cout, norm_groups)
         self.conv_out = nn.Conv2d(cout, img_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
@@ -157,15 +155,9 @@ class UNet(nn.Module):
         c_noise: Tensor,
         class_labels: Tensor | None = None,
         dropout_key: Tensor | None = None,
+        guidance: Tensor | None = None,
     ) -> Tensor:
-        with layers.fp32_region(x):  # t and the time embedding stay float32 under autocast (DESIGN.md sec. 2)
-            emb = self.map_noise(c_noise)
-            if self.map_label is not None:
-                if class_labels is None:
-                    raise ValueError("this network is class-conditional: pass class_labels")
-                emb = emb + self.map_label(F.one_hot(class_labels, self.num_classes).to(emb.dtype))
-            emb = F.silu(self.map1(F.silu(self.map0(emb))))
-
+        emb = self.emb(c_noise, class_labels, guidance)  # float32 [B, emb_ch]
         h = self.conv_in(x)
         skips = [h]
         for block in self.enc:

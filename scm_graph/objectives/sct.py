@@ -8,7 +8,7 @@ then g / (||g|| + c) per sample, and L = e^{w}/D ||F_theta - F^- - g||^2 - w.
 
 Under bf16 / fp16 autocast the network (and its JVP) runs in half precision, but F^- and dF are cast
 back to float32 right after the JVP, and g, ||g||, the normalisation, the loss and w_phi(t) are
-computed in float32 (`fp32_region`, DESIGN.md Sec. 2). A sample whose F^- or g is not finite is
+computed in float32 (`fp32_region`, docs/design.md "Mixed precision"). A sample whose F^- or g is not finite is
 masked: non-finite data is zeroed before both passes; a non-finite F^-, g or F gets 0 and loss weight 0;
 all are reported in `nonfinite`.
 """
@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
 from scm_graph import trigflow
-from scm_graph.nets.layers import fp32_region
-from scm_graph.objectives import ObjectiveOut, StepInputs, finite_samples, zero_unless
-from scm_graph.objectives.diffusion import w_of, weighted
+from scm_graph.objectives.common import ObjectiveOut, StepInputs, finite_samples, zero_unless
+from scm_graph.objectives.weighting import w_of, weighted
+from scm_graph.precision import fp32_region
 from scm_graph.spec import ObjectiveSpec
 
 
@@ -31,16 +31,16 @@ def tangent(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, x_t: T
 
     No gradient flows out of either.
     """
-    sigma_d, t = cfg.sigma_d, inp.t
+    sigma_d, t = model.sigma_d, inp.t
     theta_minus = {k: v.detach() for k, v in params.items()}
     cos, sin = torch.cos(t), torch.sin(t)
 
-    def F_minus_fn(x_in: Tensor, t_in: Tensor) -> Tensor:
-        return functional_call(model, theta_minus, (x_in, t_in, inp.labels, inp.dropout_key))
+    def F_minus_fn(x: Tensor, t_in: Tensor) -> Tensor:
+        return functional_call(model, theta_minus, (x, t_in, inp.labels, inp.dropout_key))  # F_theta^-(x / sigma_d, t)
 
     cs = trigflow.expand(cos * sin, x_t)
-    # JVP along (dx_t/dt / sigma_d, 1), pre-scaled by cos t sin t (Sec. 5.1 rearrangement)
-    F_minus, dF = jvp(F_minus_fn, (x_t / sigma_d, t), (cs * dxt / sigma_d, cos * sin))
+    # JVP along (dx_t/dt, 1), pre-scaled by cos t sin t (Sec. 5.1 rearrangement); the model divides by sigma_d
+    F_minus, dF = jvp(F_minus_fn, (x_t, t), (cs * dxt, cos * sin))
     F_minus, dF = F_minus.detach().to(x_t.dtype), dF.detach().to(x_t.dtype)  # out of half precision at once
     with fp32_region(x_t):
         c2 = trigflow.expand(cos.square(), x_t)
@@ -57,7 +57,6 @@ def normalize_tangent(g: Tensor, cfg: ObjectiveSpec) -> tuple[Tensor, Tensor]:
 
 
 def sct_loss(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, cfg: ObjectiveSpec) -> ObjectiveOut:
-    sigma_d = cfg.sigma_d
     # Non-finite data is masked *before* both passes, so the JVP pass and the gradient pass still see
     # identical inputs (Inductor shares their forward work; masking x_t between them cost 17%).
     ok = finite_samples(inp.x0, inp.z, inp.t)
@@ -69,7 +68,7 @@ def sct_loss(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, cfg: 
     F_minus, g = zero_unless(ok, F_minus), zero_unless(ok, g)
     with fp32_region(g):
         g, g_norm = normalize_tangent(g, cfg)
-    F = functional_call(model, params, (x_t / sigma_d, inp.t, inp.labels, inp.dropout_key)).to(g.dtype)
+    F = functional_call(model, params, (x_t, inp.t, inp.labels, inp.dropout_key)).to(g.dtype)  # F_theta(x_t / sigma_d, t)
     with fp32_region(g):
         ok = ok & finite_samples(F)
         F = zero_unless(ok, F)  # a select: masked samples pass back zero gradient

@@ -4,7 +4,7 @@
 runs under forward-mode AD (`torch.func.jvp`, eager or inside `torch.compile`), it unpacks the dual
 inputs itself and calls the fused op `scm_graph::attention_jvp`, which returns O and its tangent dO
 in one pass with O(N) memory, and re-packs (O, dO) as a dual tensor. Routing at the Python level
-avoids two silent PyTorch traps (DESIGN.md sec. 5): Dynamo ignoring a custom autograd.Function.jvp,
+avoids two silent PyTorch traps (docs/design.md, "Traps"): Dynamo ignoring a custom autograd.Function.jvp,
 and forward AD through a custom op yielding zero tangents. Outside forward AD it calls
 `F.scaled_dot_product_attention`, whose fused kernels (flash on GPU) serve the gradient pass.
 

@@ -1,6 +1,6 @@
 """Triton kernels: attention forward + JVP in one pass over K/V blocks, and the flash backward.
 
-Forward + JVP (sCM Sec. 5.1; DESIGN.md sec. 5). Per query row the kernel keeps, in float32,
+Forward + JVP (sCM Sec. 5.1; docs/design.md, "The JVP of attention"). Per query row the kernel keeps, in float32,
     m = running max of S,  l = sum e^(S-m),  A = sum e^(S-m) V_j,
     B = sum e^(S-m) (dS_ij V_j + dV_j),  c = sum e^(S-m) dS_ij,
 rescales all of them when m grows, and ends with O = A/l, mu = c/l, dO = B/l - mu O, LSE = m + log l.

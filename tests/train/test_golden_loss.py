@@ -34,8 +34,6 @@ RTOL, ATOL = 1e-5, 1e-6
 def _batch(spec: str) -> int:
     """The spec file's own batch size (the runs use it unchanged)."""
     code = f"from scm_graph.specfile import read_spec_file; print(read_spec_file({str(REPO / 'specs' / spec)!r} + '.py').train.batch)"
-    if not (REPO / "scm_graph" / "specfile.py").exists():  # the layout before specfile.py existed
-        code = code.replace("scm_graph.specfile", "scm_graph.spec")
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout)
 
 

@@ -1,0 +1,19 @@
+"""`python -m scm_graph.bench step ...` (the train steps, `bench.step`) or `python -m scm_graph.bench attention ...`
+(the attention JVP op, `bench.attention`)."""
+
+from __future__ import annotations
+
+from scm_graph.errors import UserError, cli_main
+
+
+@cli_main
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["attention"]:
+        from scm_graph.bench.attention import main as attention_main
+
+        return attention_main(argv[1:])
+    if argv[:1] == ["step"]:
+        from scm_graph.bench.step import main as step_main
+
+        return step_main(argv[1:])
+    raise UserError("usage: python -m scm_graph.bench {step,attention} [--help]")

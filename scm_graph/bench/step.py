@@ -1,0 +1,166 @@
+"""`python -m scm_graph.bench step [--spec specs/digits_sct.py] [--batch 128] [--precision fp32 bf16]` (or `just bench step`).
+
+Images/s of the sCT and diffusion train steps, eager and compiled, at each asked precision
+(fp32 / bf16 / fp16 autocast), side by side in one process on the same synthetic batch, with the
+network of the given spec (any arch: it is built by `build_model`). Prints a markdown table naming the
+device and precisions and (with --out) appends it to a file under docs/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+
+from scm_graph.bench.common import append_table, device_name, synchronize
+from scm_graph.device import pick_device
+from scm_graph.errors import ArgumentParser, UserError, cli_main
+from scm_graph.model import build_model, num_params
+from scm_graph.objectives import StepInputs
+from scm_graph.precision import AMP_DTYPES
+from scm_graph.spec import Spec
+from scm_graph.specfile import read_spec_file
+from scm_graph.train.step import TrainStep
+
+
+@dataclass
+class StepTiming:
+    objective: str
+    mode: str  # "eager" / "compiled"
+    precision: str  # "fp32" / "bf16" / "fp16"
+    images_per_s: float
+    ms_per_step: float
+    warmup_s: float  # first steps, including compilation
+
+
+def time_step(spec: Spec, kind: str, compile: bool, batch: int, steps: int, warmup: int, dev: torch.device, rounds: int = 3,
+              precision: str = "fp32") -> StepTiming:
+    spec = dataclasses.replace(spec, objective=dataclasses.replace(spec.objective, kind=kind),
+                               train=dataclasses.replace(spec.train, precision=precision))
+    torch.manual_seed(0)
+    model = build_model(spec).to(dev).train()
+    step = TrainStep(model, spec, compile=compile)
+    d = spec.data
+    g = torch.Generator(device=dev).manual_seed(0)
+    shape = (batch, d.channels, d.resolution, d.resolution)
+    labels = torch.arange(batch, device=dev) % d.num_classes if spec.net.class_conditional else None
+    inp = StepInputs(
+        torch.randn(shape, generator=g, device=dev) * 0.5,
+        torch.randn(shape, generator=g, device=dev) * 0.5,
+        torch.rand(batch, generator=g, device=dev) * 1.5 + 0.01,
+        labels,
+        torch.tensor(1, device=dev),
+        torch.tensor(0.5, device=dev),
+    )
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step(inp)
+    synchronize(dev)
+    warm = time.perf_counter() - t0
+    dt = float("inf")
+    for _ in range(rounds):  # best of several rounds: robust to a noisy machine
+        t1 = time.perf_counter()
+        for _ in range(steps):
+            step(inp)
+        synchronize(dev)
+        dt = min(dt, (time.perf_counter() - t1) / steps)
+    return StepTiming(kind, "compiled" if compile else "eager", precision, batch / dt, dt * 1e3, warm)
+
+
+MODES = ("eager", "compiled")
+
+
+def bench_step(spec: Spec, batch: int, steps: int, warmup: int, dev: torch.device, rounds: int = 3,
+               precisions: tuple[str, ...] = ("fp32",), modes: tuple[str, ...] = MODES) -> list[StepTiming]:
+    rows = []
+    for precision in precisions:
+        for mode in modes:
+            for kind in ("sct", "diffusion"):
+                torch._dynamo.reset()
+                rows.append(time_step(spec, kind, mode == "compiled", batch, steps, warmup, dev, rounds, precision))
+                r = rows[-1]
+                print(f"  {r.objective:9s} {r.precision:4s} {r.mode:8s} {r.images_per_s:9.1f} img/s  {r.ms_per_step:8.1f} ms/step"
+                      f"  (warm-up {r.warmup_s:.1f} s)", flush=True)
+    return rows
+
+
+def _ratio(a: StepTiming | None, b: StepTiming | None, speed: bool) -> str:
+    """a / b as 'N.NNx' (images/s if speed else step time); a dash where either is missing."""
+    if a is None or b is None:
+        return "–"
+    return f"{a.images_per_s / b.images_per_s:.2f}x" if speed else f"{a.ms_per_step / b.ms_per_step:.2f}x"
+
+
+def step_table(rows: list[StepTiming], spec_path: str, spec: Spec, batch: int, dev: torch.device) -> str:
+    by = {(r.objective, r.precision, r.mode): r for r in rows}
+    precisions = list(dict.fromkeys(r.precision for r in rows))
+    modes = [m for m in MODES if any(r.mode == m for r in rows)]
+    model = build_model(spec)
+
+    def cell(r: StepTiming | None, fmt: str) -> str:
+        return "–" if r is None else format(r.images_per_s if fmt == "ips" else r.warmup_s, ".1f")
+
+    lines = [
+        f"## `just bench step` — {spec_path} — {device_name(dev)}, {' / '.join(precisions)}",
+        "",
+        f"Device: {device_name(dev)}; precision (autocast): {', '.join(precisions)}; torch {torch.__version__}; "
+        f"batch {batch}; {spec.data.channels}x{spec.data.resolution}x{spec.data.resolution}; arch {spec.net.arch}; "
+        f"{num_params(model) / 1e6:.2f} M parameters; best of the timed rounds, after warm-up "
+        "(warm-up includes compilation, or a compile-cache hit).",
+        "",
+        "| objective | precision | eager img/s | compiled img/s | compiled / eager | vs fp32 (compiled, else eager) | warm-up eager / compiled (s) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    best = modes[-1]
+    for kind in ("sct", "diffusion"):
+        for p in precisions:
+            e, c = by.get((kind, p, "eager")), by.get((kind, p, "compiled"))
+            vs = _ratio(by.get((kind, p, best)), by.get((kind, "fp32", best)), speed=True)
+            lines.append(f"| {kind} | {p} | {cell(e, 'ips')} | {cell(c, 'ips')} | {_ratio(c, e, speed=True)} | {vs} | "
+                         f"{cell(e, 'warm')} / {cell(c, 'warm')} |")
+    lines += ["", "| mode | precision | sCT step time / diffusion step time |", "|---|---|---:|"]
+    for mode in modes:
+        for p in precisions:
+            lines.append(f"| {mode} | {p} | {_ratio(by.get(('sct', p, mode)), by.get(('diffusion', p, mode)), speed=False)} |")
+    lines += ["", "(The paper's sCD step costs about 2x a diffusion step; the arithmetic floor is about 1.33x.)", ""]
+    return "\n".join(lines)
+
+
+def _bench_spec(path: str) -> Spec:
+    spec = read_spec_file(path)
+    d = spec.data
+    if not d.resolution or not d.channels:  # shape from the spec's data set, without needing its shards
+        shapes = {"digits": (1, 8, 10), "cifar10": (3, 32, 10)}
+        if d.name not in shapes:
+            raise UserError(f"--spec {path}: set data.resolution and data.channels to benchmark without shards")
+        c, r, k = shapes[d.name]
+        d = dataclasses.replace(d, channels=c, resolution=r, num_classes=k)
+    return dataclasses.replace(spec, data=d)
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    p = ArgumentParser(prog="python -m scm_graph.bench step", description="Images/s of the sCT and diffusion train steps, eager and compiled, side by side.")
+    p.add_argument("--spec", default="specs/digits_sct.py", help="spec whose network to use")
+    p.add_argument("--batch", type=int, default=0, help="batch size (default: the spec's)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds of --steps steps; the fastest counts")
+    p.add_argument("--precision", nargs="+", choices=list(AMP_DTYPES), default=None,
+                   help="autocast precision(s) of the step, e.g. fp32 bf16 (default: the spec's train.precision)")
+    p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), help="eager and/or compiled")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="append the markdown table to this file (e.g. docs/bench_step.md)")
+    a = p.parse_args(argv)
+    spec = _bench_spec(a.spec)
+    batch = a.batch or spec.train.batch
+    dev = pick_device(a.device)
+    precisions = tuple(dict.fromkeys(a.precision or [spec.train.precision]))
+    print(f"bench step: {a.spec}, batch {batch}, {device_name(dev)}, {' / '.join(precisions)}", flush=True)
+    rows = bench_step(spec, batch, a.steps, a.warmup, dev, a.rounds, precisions, tuple(a.modes))
+    table = step_table(rows, a.spec, spec, batch, dev)
+    print(table)
+    if a.out:
+        append_table(a.out, table)

@@ -1,0 +1,3 @@
+from scm_graph.eval.cli import main
+
+main()

@@ -1,0 +1,57 @@
+"""Dropout whose mask is a pure function of an explicit integer key.
+
+Torch's RNG gives different masks eagerly and inside torch.compile, and would give the JVP pass
+(theta^-) and the gradient pass (theta) of one sCT step different masks; Algorithm 1 needs the same
+network function in both. A counter-based hash of (key, salt, element index) gives the same mask
+everywhere. The train loop draws one key per step; each dropout layer has its own salt.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(h: Tensor) -> Tensor:
+    """murmur3 fmix32 on int64 holding uint32 values (low bits survive int64 wrap-around)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _M32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def keyed_uniform(shape: torch.Size, key: Tensor, salt: int, device: torch.device) -> Tensor:
+    """Counter-based uniforms in [0, 1): a pure function of (key, salt, element index).
+
+    Unlike torch's RNG this gives the same numbers eagerly and inside torch.compile, and the same
+    numbers for the JVP pass (theta^-) and the gradient pass (theta) of one train step.
+    """
+    n = 1
+    for s in shape:
+        n *= s
+    idx = torch.arange(n, device=device, dtype=torch.int64).reshape(shape)
+    seed = _mix32((key.to(device=device, dtype=torch.int64) * 0x9E3779B1 + salt) & _M32)
+    h = _mix32((idx ^ seed) & _M32)
+    h = _mix32((h + seed * 0x27D4EB2F) & _M32)
+    return h.to(torch.float32) * (1.0 / 4294967296.0)
+
+
+class KeyedDropout(nn.Module):
+    """Dropout whose mask is a function of an explicit integer key (see keyed_uniform)."""
+
+    def __init__(self, p: float, salt: int):
+        super().__init__()
+        self.p = p
+        self.salt = salt
+
+    def forward(self, x: Tensor, key: Tensor | None) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if key is None:
+            return F.dropout(x, self.p, training=True)
+        keep = keyed_uniform(x.shape, key, self.salt, x.device) >= self.p
+        return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))

@@ -1,0 +1,65 @@
+"""The conditioning embedding shared by the U-Net and the DiT: time c_noise(t), class label, CFG scale.
+
+emb = silu(fc1(silu(fc0(pos(c_noise) + label(one_hot(y)) + guidance(pos(s)))))), computed in float32
+even under autocast (docs/design.md, "Mixed precision"). Time enters through a positional embedding
+of c_noise(t) = t, not large Fourier features (sCM Sec. 4.1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from scm_graph.precision import fp32_region
+
+
+class PositionalEmbedding(nn.Module):
+    """DDPM-style sin/cos embedding of c_noise, frequencies (1/max_positions)^(k/half), k < half.
+
+    With c_noise(t) = t the largest frequency is 1, i.e. a small Fourier scale (sCM Sec. 4.1).
+    """
+
+    def __init__(self, num_channels: int, max_positions: int = 10000):
+        super().__init__()
+        half = num_channels // 2
+        freqs = (1.0 / max_positions) ** (torch.arange(half, dtype=torch.float32) / half)
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    def forward(self, c: Tensor) -> Tensor:
+        arg = c.to(self.freqs.dtype)[:, None] * self.freqs[None, :]  # fp32 under autocast; emb(c) = [cos(w_k c), sin(w_k c)]
+        return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1)
+
+
+class ConditionEmbedding(nn.Module):
+    """[B] c_noise (+ [B] labels, + [B] guidance scale) -> [B, emb_channels] float32 embedding.
+
+    `num_classes > 0` adds a class input (one-hot through a bias-free linear layer); `guidance` adds
+    the CFG-scale input s of guided distillation (sCM Sec. 6, after Meng et al. 2023), zero-initialised
+    so a network gains it without changing its output.
+    """
+
+    def __init__(self, channels: int, emb_channels: int, num_classes: int = 0, guidance: bool = False):
+        super().__init__()
+        self.num_classes = num_classes
+        self.noise = PositionalEmbedding(channels)
+        self.label = nn.Linear(num_classes, channels, bias=False) if num_classes else None
+        self.guidance = nn.Linear(channels, channels) if guidance else None
+        if self.guidance is not None:
+            nn.init.zeros_(self.guidance.weight)
+            nn.init.zeros_(self.guidance.bias)
+        self.fc0 = nn.Linear(channels, emb_channels)
+        self.fc1 = nn.Linear(emb_channels, emb_channels)
+
+    def forward(self, c_noise: Tensor, class_labels: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
+        with fp32_region(c_noise):  # t and the time embedding stay float32 under autocast
+            emb = self.noise(c_noise)
+            if self.label is not None:
+                if class_labels is None:
+                    raise ValueError("this network is class-conditional: pass class_labels")
+                emb = emb + self.label(F.one_hot(class_labels, self.num_classes).to(emb.dtype))
+            if self.guidance is not None:
+                if guidance is None:
+                    raise ValueError("this network is guidance-conditional: pass guidance (the CFG scale s, shape [B])")
+                emb = emb + self.guidance(self.noise(guidance))  # the CFG scale s as an extra input (sCM Sec. 6)
+            return F.silu(self.fc1(F.silu(self.fc0(emb))))

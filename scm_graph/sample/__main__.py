@@ -1,0 +1,3 @@
+from scm_graph.sample.cli import main
+
+main()

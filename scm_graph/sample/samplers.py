@@ -1,0 +1,87 @@
+"""The samplers: multistep consistency sampling and PF-ODE solvers, as functions of a TrigFlowModel.
+
+Consistency models (Song et al. 2023, Alg. 1 multistep; sCM Sec. 6): x = sigma_d n at t_max,
+x0 = f(x, t_max), then for each later t_i: x = cos t_i x0 + sin t_i sigma_d n, x0 = f(x, t_i).
+Diffusion models integrate dx_t/dt = sigma_d F(x_t / sigma_d, t) from t_max to 0 (Euler or Heun) on the
+EDM time grid (rho = 7, sigma in [0.002, 80]) mapped to TrigFlow by t = arctan(sigma / sigma_d).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from scm_graph import trigflow
+from scm_graph.errors import UserError
+from scm_graph.model import TrigFlowModel
+
+
+def consistency_times(steps: int, sigma_d: float) -> list[float]:
+    """1 step: [t_max]; 2 steps: [t_max, 1.1] (sCM); more: t_max then evenly spaced down to 1.1's spacing."""
+    if steps < 1:
+        raise UserError("--steps must be at least 1")
+    if steps == 1:
+        return [trigflow.t_max(sigma_d)]
+    if steps == 2:
+        return [trigflow.t_max(sigma_d), trigflow.T_MID]
+    mids = np.linspace(trigflow.T_MID, 0.0, steps, endpoint=False)
+    return [trigflow.t_max(sigma_d)] + [float(t) for t in mids[: steps - 1]]
+
+
+def ode_times(steps: int, sigma_d: float, rho: float = 7.0, sigma_min: float = 0.002, sigma_max: float = 80.0) -> list[float]:
+    """EDM grid sigma_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho, then t = arctan(sigma/sigma_d), then 0."""
+    if steps < 1:
+        raise UserError("--steps must be at least 1")
+    if steps == 1:
+        return [math.atan(sigma_max / sigma_d), 0.0]
+    i = np.arange(steps)
+    sig = (sigma_max ** (1 / rho) + i / (steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return [float(t) for t in np.arctan(sig / sigma_d)] + [0.0]
+
+
+def _times(x: Tensor, t: float) -> Tensor:
+    """[B] copies of t in x's dtype and device."""
+    return torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
+
+
+def _F(model: TrigFlowModel, x: Tensor, t: float, labels: Tensor | None) -> Tensor:
+    """F_theta(x / sigma_d, t) at one time for the whole batch."""
+    return model(x, _times(x, t), labels)
+
+
+@torch.no_grad()
+def sample_consistency(model: TrigFlowModel, noise: list[Tensor], times: list[float], labels: Tensor | None = None) -> Tensor:
+    """Multistep consistency sampling; `noise[i]` are unit normals, one per time."""
+    sd = model.sigma_d
+    x = sd * noise[0]  # x ~ N(0, sigma_d^2 I) at t_max
+    x0 = trigflow.consistency_fn(x, _times(x, times[0]), _F(model, x, times[0], labels), sd)
+    for t_i, n in zip(times[1:], noise[1:]):
+        x = math.cos(t_i) * x0 + math.sin(t_i) * sd * n  # re-noise to t_i: x = cos t_i x0 + sin t_i sigma_d n
+        x0 = trigflow.consistency_fn(x, _times(x, t_i), _F(model, x, t_i, labels), sd)
+    return x0
+
+
+@torch.no_grad()
+def sample_ode(model: TrigFlowModel, noise: Tensor, times: list[float], solver: str = "heun", labels: Tensor | None = None) -> Tensor:
+    """Integrate the PF-ODE dx/dt = sigma_d F (Eq. 3) over `times` (decreasing, ending at 0)."""
+    sd = model.sigma_d
+    x = sd * noise
+    for t_cur, t_next in zip(times[:-1], times[1:]):
+        h = t_next - t_cur
+        d = trigflow.pf_ode_velocity(_F(model, x, t_cur, labels), sd)
+        x_next = x + h * d  # Euler
+        if solver == "heun" and t_next > 0:
+            d2 = trigflow.pf_ode_velocity(_F(model, x_next, t_next, labels), sd)
+            x_next = x + h * 0.5 * (d + d2)  # Heun (trapezoidal) correction
+        x = x_next
+    return x
+
+
+def nfe(consistency: bool, steps: int, solver: str) -> int:
+    """Network evaluations per sample: consistency steps, Euler N, Heun 2N - 1."""
+    if consistency:
+        return steps
+    return steps if solver == "euler" else 2 * steps - 1

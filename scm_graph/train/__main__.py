@@ -1,0 +1,3 @@
+from scm_graph.train.cli import main
+
+main()

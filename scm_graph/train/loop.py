@@ -1,0 +1,329 @@
+"""The training loop: `train(spec, out, resume)`, driven by `python -m scm_graph.train` (scm_graph.train.cli).
+
+Per step: a batch from the shards, noise and times drawn here (outside the compiled step), one
+TrainStep, the EMA. Every few images: a JSONL metrics line, a sample grid, an atomic checkpoint, and
+(for the digits) the FD of 1- and 2-step samples. `--resume` continues the run folder's checkpoint and
+reproduces the uninterrupted run's losses exactly: the data stream, noise generator, dropout keys,
+optimiser, fp16 loss scaler and EMA all continue from the saved state.
+
+Non-finite values: samples with a non-finite tangent are masked by the objective and counted
+(`nonfinite` in each metrics line, one console warning the first time); steps whose update was
+skipped are counted (`skipped`). NONFINITE_PATIENCE consecutive steps without an update (every sample
+masked, or a non-finite loss / gradient that is not an fp16 loss-scale overflow) stop the run with a
+one-line error before anything more is written; the last checkpoint on disk stays as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from scm_graph import trigflow
+from scm_graph.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from scm_graph.data.stream import Batch, batches
+from scm_graph.device import pick_device
+from scm_graph.errors import UserError
+from scm_graph.model import TrigFlowModel, build_model, copy_params, num_params
+from scm_graph.objectives import StepInputs
+from scm_graph.sample.generate import Generator, generate, to_uint8
+from scm_graph.sample.grid import save_grid
+from scm_graph.spec import Spec, spec_from_json, spec_to_json
+from scm_graph.train.ema import EMA, ema_beta
+from scm_graph.train.step import StepOut, TrainStep
+
+CKPT = "ckpt.safetensors"
+METRICS = "metrics.jsonl"
+T_BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, math.pi / 2)  # per-t-bucket loss edges
+NONFINITE_PATIENCE = 10  # consecutive steps without an update (non-finite) before the run stops
+
+# Fields a resumed run may change; everything else must match the checkpoint's spec.
+RESUMABLE = {"train.total_images", "train.time_limit_s", "train.log_every_images", "train.sample_every_images",
+             "train.ckpt_every_images", "train.eval_every_images", "train.eval_samples", "train.compile",
+             "train.device", "train.precision", "train.out", "data.workers", "data.root"}
+
+
+def draw_inputs(b: Batch, gen: torch.Generator, spec: Spec, step: int, images: int, device: torch.device) -> StepInputs:
+    """All randomness of one step, drawn eagerly: z ~ N(0, sigma_d^2), tau ~ N(P_mean, P_std^2)."""
+    o = spec.objective
+    x0 = b.x0.to(device, non_blocking=True)
+    z = torch.randn(x0.shape, generator=gen, device=device) * o.sigma_d
+    tau = torch.randn(x0.shape[0], generator=gen, device=device) * o.P_std + o.P_mean
+    t = trigflow.sample_t(tau, o.sigma_d)  # t = arctan(e^tau / sigma_d)
+    labels = b.label.to(device) if (b.label is not None and spec.net.class_conditional) else None
+    key = torch.tensor(spec.train.seed * 1_000_003 + step, dtype=torch.int64, device=device)
+    r = 1.0 if o.warmup_images <= 0 else min(1.0, images / o.warmup_images)  # tangent warmup ratio
+    return StepInputs(x0, z, t, labels, key, torch.tensor(r, dtype=torch.float32, device=device))
+
+
+@dataclass
+class Meter:
+    """Accumulates step outputs on the device; `flush` returns one JSON-able record.
+
+    Masked (non-finite) samples are left out of the per-sample means and buckets, and loss and grad norm
+    average over the steps that updated the weights (not the skipped ones); a mean over nothing is null.
+    """
+
+    device: torch.device
+    n: int = 0
+    skipped: int = 0
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.inner_edges = torch.tensor(T_BUCKETS[1:-1], device=self.device)  # built once, not per step
+
+    def add(self, out: StepOut, t: torch.Tensor) -> None:
+        idx = torch.bucketize(t.float(), self.inner_edges).long()
+        nb = len(T_BUCKETS) - 1
+        ok = ~out.nonfinite
+        okf = ok.float()
+        mse = torch.where(ok, out.mse.float(), 0.0)
+        applied = not out.skipped  # an applied step has a finite loss and gradient norm
+        vals = {
+            "loss": out.loss.float() if applied else torch.zeros((), device=self.device),
+            "grad_norm": out.grad_norm.float() if applied else torch.zeros((), device=self.device),
+            "mse": mse.sum(),
+            "tangent_norm": torch.where(ok, out.tangent_norm.float(), 0.0).sum(),
+            "n_samples_ok": okf.sum(),
+            "nonfinite": out.nonfinite.sum(),
+            "bucket_sum": torch.zeros(nb, device=t.device).scatter_add_(0, idx, mse),
+            "bucket_n": torch.zeros(nb, device=t.device).scatter_add_(0, idx, okf),
+        }
+        for k, v in vals.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        w = out.w.float()
+        w_lo, w_hi = torch.where(ok, w, math.inf).min(), torch.where(ok, w, -math.inf).max()
+        self.sums["w_min"] = torch.minimum(self.sums["w_min"], w_lo) if "w_min" in self.sums else w_lo
+        self.sums["w_max"] = torch.maximum(self.sums["w_max"], w_hi) if "w_max" in self.sums else w_hi
+        self.n += 1
+        self.skipped += int(out.skipped)
+
+    def flush(self) -> dict:
+        s = {k: v.cpu() for k, v in self.sums.items()}
+        applied, n_ok = self.n - self.skipped, float(s["n_samples_ok"])
+
+        def mean(key: str, count: float) -> float | None:
+            return float(s[key]) / count if count > 0 else None
+
+        rec = {"loss": mean("loss", applied), "grad_norm": mean("grad_norm", applied),
+               "mse": mean("mse", n_ok), "tangent_norm": mean("tangent_norm", n_ok)}
+        rec["w_min"], rec["w_max"] = (float(s["w_min"]), float(s["w_max"])) if n_ok > 0 else (None, None)
+        cnt = s["bucket_n"].clamp(min=1)
+        rec["mse_by_t"] = {f"{T_BUCKETS[i]:.1f}-{T_BUCKETS[i + 1]:.1f}": round(float(s["bucket_sum"][i] / cnt[i]), 6)
+                           for i in range(len(cnt)) if s["bucket_n"][i] > 0}
+        rec["nonfinite"], rec["skipped"] = int(s["nonfinite"]), self.skipped
+        self.n, self.skipped, self.sums = 0, 0, {}
+        return rec
+
+
+def is_digits(spec: Spec) -> bool:
+    return (spec.data.channels, spec.data.resolution) == (1, 8)
+
+
+def evaluate_fd(g: Generator, n: int, seed: int = 0) -> dict[str, float]:
+    """Digits FD of 1- and 2-step samples (consistency) or 32-step Heun (diffusion), via scm_graph.eval."""
+    from scm_graph.eval.evaluator import evaluate  # loads the digits classifier: only when a run evaluates
+
+    if g.is_consistency:
+        return {f"fd_{r.steps}step": r.fd for r in evaluate(g, [1, 2], n, seed=seed)}
+    return {f"fd_heun{r.steps}": r.fd for r in evaluate(g, [32], n, solver="heun", seed=seed)}
+
+
+class Run:
+    """The state of one training run and the side effects around the step."""
+
+    def __init__(self, spec: Spec, out: Path, resume: bool):
+        self.spec, self.out = spec, out
+        self.device = pick_device(spec.train.device)
+        t = spec.train
+        torch.manual_seed(t.seed)
+        self.model: TrigFlowModel = build_model(spec).to(self.device).train()
+        self.step_fn = TrainStep(self.model, spec)
+        self.ema = EMA(self.model)
+        self.gen = torch.Generator(device=self.device).manual_seed(t.seed)
+        self.step = self.images = 0
+        self.wall = 0.0
+        if resume:
+            self._load(out / CKPT)
+        elif t.init_from:
+            self._init_from(t.init_from)
+
+    # --- state in and out -------------------------------------------------------------------
+    def _init_from(self, path: str) -> None:
+        ckpt = load_checkpoint(path)
+        try:
+            copy_params(self.model, ckpt.ema if ckpt.ema is not None else ckpt.net)
+        except ValueError as e:
+            raise UserError(f"train.init_from {path}: {e}") from None
+        self.ema = EMA(self.model)
+
+    def _load(self, path: Path) -> None:
+        ckpt = load_checkpoint(path, map_location=self.device)
+        check_resumable(spec_from_json(ckpt.spec_json), self.spec, path)
+        copy_params(self.model, ckpt.net)
+        self.ema.load(ckpt.ema)
+        self.step_fn.optimizer.load_state_dict(ckpt.optim)
+        if self.step_fn.scaler.is_enabled() and ckpt.scaler:  # fp16 resumed from fp16: the exact loss scale
+            self.step_fn.scaler.load_state_dict(ckpt.scaler)
+        self.gen.set_state(ckpt.rng["noise"])
+        torch.set_rng_state(ckpt.rng["torch_cpu"])
+        self.step, self.images, self.wall = ckpt.step, ckpt.images, float(ckpt.meta.get("wall_s", 0.0))
+        truncate_metrics(self.out / METRICS, self.images)
+
+    def save(self, extra: dict | None = None) -> None:
+        weights = [*self.model.parameters(), *self.ema.params.values()]
+        if not bool(torch.stack([torch.isfinite(w).all() for w in weights]).all()):  # never a NaN checkpoint
+            kept = f"the last checkpoint {self.out / CKPT} is kept" if (self.out / CKPT).exists() else "no checkpoint was written"
+            raise UserError(f"the weights are not finite at step {self.step} (images {self.images}); {kept}")
+        ckpt = Checkpoint(
+            spec_json=spec_to_json(self.spec),
+            step=self.step,
+            images=self.images,
+            net={k: v.detach() for k, v in self.model.named_parameters()},
+            ema=self.ema.params,
+            optim=self.step_fn.optimizer.state_dict(),
+            rng={"noise": self.gen.get_state(), "torch_cpu": torch.get_rng_state()},
+            scaler=self.step_fn.scaler.state_dict() if self.step_fn.scaler.is_enabled() else None,
+            meta={"objective": self.spec.objective.kind, "wall_s": self.wall, **(extra or {})},
+        )
+        save_checkpoint(self.out / CKPT, ckpt)
+
+    def generator(self) -> Generator:
+        with torch.random.fork_rng(devices=[]):  # building a model must not move the global RNG
+            model = build_model(self.spec).to(self.device).eval()
+        copy_params(model, self.ema.params)
+        return Generator(model, self.spec, self.device)
+
+    def log(self, rec: dict) -> None:
+        with open(self.out / METRICS, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def grid(self) -> Path:
+        g = self.generator()
+        steps = 2 if g.is_consistency else 18
+        path = self.out / "grids" / f"grid-{self.images:012d}.png"
+        save_grid(to_uint8(generate(g, 64, steps=steps, seed=self.spec.train.seed), self.spec), path)
+        return path
+
+
+def check_resumable(saved: Spec, now: Spec, path: Path) -> None:
+    """Every field outside RESUMABLE must equal the checkpoint's (the unused architecture's section aside);
+    one-line UserError naming the first that differs."""
+    a, b = _flat(dataclasses.asdict(saved)), _flat(dataclasses.asdict(now))
+    unused = "net.dit." if now.net.arch == "unet" else "net.unet."
+    for k, v in a.items():
+        if v != b[k] and k not in RESUMABLE and not k.startswith(unused):
+            raise UserError(f"--resume: {k} differs from the checkpoint {path} ({v!r} vs {b[k]!r})")
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, object]:
+    """{'net': {'unet': {'channels': 8}}} -> {'net.unet.channels': 8}; lists become tuples."""
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def truncate_metrics(path: Path, images: int) -> None:
+    """Drop metric lines written after the checkpoint (a crash between checkpoints), atomically."""
+    if not path.exists():
+        return
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:  # a line torn by the crash
+            continue
+        if rec.get("images", 0) <= images:
+            keep.append(ln)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+def _every(images_before: int, images_after: int, every: int) -> bool:
+    return every > 0 and images_after // every > images_before // every
+
+
+def train(spec: Spec, out: Path, resume: bool = False, progress: bool = True) -> dict:
+    """Run (or continue) training; returns the final summary record."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    t = spec.train
+    if resume and not (out / CKPT).exists():
+        raise UserError(f"--resume: no checkpoint {out / CKPT}")
+    if not resume and (out / CKPT).exists():
+        raise UserError(f"{out} already holds a run; pass --resume to continue it or --train.out to start elsewhere")
+    out.mkdir(parents=True, exist_ok=True)
+    stale = out / METRICS
+    if not resume and stale.exists():  # a run that died before its first checkpoint: keep its log aside
+        stale.rename(out / f"{METRICS}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+    run = Run(spec, out, resume)
+    stream = batches(spec.data, spec.objective.sigma_d, t.batch, t.seed, start_images=run.images)
+    if not resume:
+        run.log({"event": "start", "images": 0, "params": num_params(run.model), "device": str(run.device),
+                 "spec": json.loads(spec_to_json(spec))})
+    meter = Meter(run.device)
+    cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("img"),
+            TextColumn("{task.fields[ips]:>8.0f} img/s  loss {task.fields[loss]:.4g}"), TimeElapsedColumn(),
+            TimeRemainingColumn()]
+    rate_t0, rate_img0 = time.perf_counter(), run.images
+    t_start, wall0 = time.perf_counter(), run.wall
+    last = {}
+    warned, stalled = False, 0  # non-finite: announced yet?  consecutive steps without an update
+    with Progress(*cols, disable=not progress, transient=False) as bar:
+        task = bar.add_task(spec.name, total=t.total_images, completed=run.images, ips=0.0, loss=float("nan"))
+        while run.images < t.total_images:
+            inp = draw_inputs(next(stream), run.gen, spec, run.step, run.images, run.device)
+            out_step = run.step_fn(inp)
+            if out_step.n_nonfinite and not warned:
+                warned = True
+                bar.console.print(f"warning: step {run.step + 1}: {out_step.n_nonfinite} of {len(out_step.nonfinite)} samples "
+                                  "had a non-finite tangent or prediction and were masked (loss weight 0); "
+                                  "metrics.jsonl counts them under 'nonfinite'", markup=False, highlight=False, soft_wrap=True)
+            stalled = stalled + 1 if out_step.skipped and not out_step.loss_scale_overflow else 0
+            if stalled >= NONFINITE_PATIENCE:  # raise before the EMA, the metrics or a checkpoint see this step
+                why = ("every sample had a non-finite tangent or prediction" if out_step.n_nonfinite == len(out_step.nonfinite)
+                       else "the loss or gradient norm was not finite")
+                kept = f"the last checkpoint {out / CKPT} is kept" if (out / CKPT).exists() else "no checkpoint was written"
+                raise UserError(f"{why} for {stalled} consecutive steps (up to step {run.step + 1}); training stopped, {kept}")
+            run.ema.update(run.model, ema_beta(t.batch, run.images + t.batch, t.ema_halflife_images, t.ema_rampup))
+            meter.add(out_step, inp.t)
+            before, run.images, run.step = run.images, run.images + t.batch, run.step + 1
+            run.wall = wall0 + time.perf_counter() - t_start
+            stop = t.time_limit_s > 0 and run.wall >= t.time_limit_s
+            done = run.images >= t.total_images or stop
+            if _every(before, run.images, t.log_every_images) or done:
+                rec = meter.flush()
+                now = time.perf_counter()
+                ips = (run.images - rate_img0) / max(now - rate_t0, 1e-9)
+                rate_t0, rate_img0 = now, run.images
+                r = float(inp.r)
+                last = {"images": run.images, "step": run.step, **rec, "r": r, "img_per_s": round(ips, 1), "wall_s": round(run.wall, 2)}
+                run.log(last)
+                bar.update(task, completed=run.images, ips=ips, loss=math.nan if rec["loss"] is None else rec["loss"])
+            else:
+                bar.update(task, completed=run.images)
+            if _every(before, run.images, t.sample_every_images) or done:
+                run.grid()
+            if is_digits(spec) and (_every(before, run.images, t.eval_every_images) or done):
+                fd = evaluate_fd(run.generator(), t.eval_samples)
+                run.log({"event": "eval", "images": run.images, **fd})
+                last.update(fd)
+            if _every(before, run.images, t.ckpt_every_images) or done:
+                run.save({"last": last})
+            if stop:
+                break
+    summary = {"event": "end", "images": run.images, "step": run.step, "wall_s": round(run.wall, 2),
+               **{k: v for k, v in last.items() if k.startswith("fd_") or k == "loss"}}
+    run.log(summary)
+    return summary

@@ -1,0 +1,182 @@
+"""The batch stream: deterministic and resumable, worker-count independent, channel normalisation end to end, corrupt shards."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from scm_graph.data.digits import digits_source, load_digits_uint8
+from scm_graph.data.manifest import Manifest, resolve_spec
+from scm_graph.data.normalize import denormalize
+from scm_graph.data.source import Source
+from scm_graph.data.stream import Batch, batches
+from scm_graph.data.writer import write_set
+from scm_graph.errors import UserError
+from scm_graph.spec import DataSpec, Spec
+
+
+def dspec(root: Path, **kw) -> DataSpec:
+    kw.setdefault("shuffle_buffer", 200)
+    return DataSpec(name=kw.pop("name", "digits"), root=str(root), **kw)
+
+
+def take(spec: DataSpec, n: int, batch: int = 32, seed: int = 0, **kw) -> list[Batch]:
+    return list(islice(batches(spec, 0.5, batch, seed, **kw), n))
+
+
+def same(a: list[Batch], b: list[Batch]) -> bool:
+    return len(a) == len(b) and all(
+        torch.equal(x.x0, y.x0) and (x.label is None and y.label is None or torch.equal(x.label, y.label))
+        for x, y in zip(a, b)
+    )
+
+
+# ----------------------------------------------------------------------------- stream
+
+
+def test_batches_shape_dtype_and_pairs(root: Path):
+    images, labels = load_digits_uint8()
+    known = {(images[i].tobytes(), int(labels[i])) for i in range(len(images))}
+    spec = dspec(root)
+    for b in take(spec, 8):
+        assert b.x0.shape == (32, 1, 8, 8) and b.x0.dtype == torch.float32
+        assert b.label is not None and b.label.dtype == torch.int64 and b.label.shape == (32,)
+        assert b.x0.min() >= -1 and b.x0.max() <= 1
+        px = denormalize(b.x0, spec, 0.5).round().to(torch.uint8).numpy()
+        assert all((px[i].tobytes(), int(b.label[i])) in known for i in range(32))
+
+
+def test_determinism_seeds_and_ranks(root: Path):
+    spec = dspec(root)
+    a = take(spec, 6)
+    assert same(a, take(spec, 6))
+    assert not same(a, take(spec, 6, seed=1))
+    r1 = take(spec, 6, rank=1, world_size=2)
+    assert not same(a, r1)
+    assert same(r1, take(spec, 6, rank=1, world_size=2))
+
+
+@pytest.mark.parametrize("segment_images", [1 << 20, 100])
+def test_resume_equals_uninterrupted(root: Path, segment_images: int):
+    spec = dspec(root, segment_images=segment_images)
+    full = take(spec, 12, batch=32)
+    # 96 ends segment 0 exactly (at 100 it does not); 128 starts inside segment 1; 320 = 3 segments + 20
+    for k in (32, 96, 128, 320):
+        assert same(take(spec, 12 - k // 32, batch=32, start_images=k), full[k // 32 :]), k
+
+
+def test_workers_give_the_same_stream(root: Path):
+    spec = dspec(root, segment_images=150)
+    ref = take(spec, 8, batch=32)
+    with_workers = dataclasses.replace(spec, workers=2)
+    assert same(take(with_workers, 8, batch=32), ref)
+    assert same(take(with_workers, 4, batch=32, start_images=128), ref[4:])
+
+
+def test_unlabelled_set_gives_none(tmp_path: Path):
+    images, _ = load_digits_uint8()
+    src = Source("plain", "test", (1, 8, 8), 50, None, ((images[i], None) for i in range(50)))
+    write_set(src, tmp_path, progress=False)
+    (b,) = take(dspec(tmp_path, name="plain"), 1, batch=16)
+    assert b.label is None and b.x0.shape == (16, 1, 8, 8)
+
+
+def test_bad_stream_arguments(root: Path):
+    with pytest.raises(UserError):
+        next(batches(dspec(root), 0.5, 0, 0))
+    with pytest.raises(UserError):
+        next(batches(dspec(root), 0.5, 8, 0, rank=2, world_size=2))
+
+
+# ----------------------------------------------------------------------------- corrupt shards
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 + 100])  # mid-member, not on a tar block boundary
+
+
+def _forget_sizes(folder: Path) -> None:
+    """Drop the optional per-shard checks from the manifest (as a foreign writer would)."""
+    d = json.loads((folder / "manifest.json").read_text())
+    d.pop("shard_bytes")
+    d.pop("shard_counts")
+    (folder / "manifest.json").write_text(json.dumps(d))
+
+
+@pytest.mark.parametrize("sizes_in_manifest", [True, False])
+def test_truncated_shard_is_user_error(tmp_path: Path, sizes_in_manifest: bool):
+    write_set(digits_source(), tmp_path, shard_size=1000, progress=False)
+    shard = tmp_path / "digits" / "shard-000001.tar"
+    _truncate(shard)
+    if not sizes_in_manifest:
+        _forget_sizes(tmp_path / "digits")
+    with pytest.raises(UserError) as e:
+        take(dspec(tmp_path, shuffle_buffer=10), 200, batch=64)
+    msg = str(e.value)
+    assert str(shard) in msg and "truncated or corrupt" in msg and "\n" not in msg
+
+
+def test_shard_with_fewer_samples_than_listed(tmp_path: Path):
+    """A shard cut between members and re-terminated looks like a valid tar; the counts catch it."""
+    write_set(digits_source(), tmp_path, shard_size=1000, progress=False)
+    shard = tmp_path / "digits" / "shard-000000.tar"
+    shard.write_bytes(shard.read_bytes()[: 512 * 1000] + bytes(10240))  # 250 whole samples + end marker
+    d = json.loads((tmp_path / "digits" / "manifest.json").read_text())
+    d.pop("shard_bytes")
+    (tmp_path / "digits" / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(UserError, match=re.escape(str(shard)) + ".*250 samples, manifest says 1000"):
+        take(dspec(tmp_path, shuffle_buffer=10), 200, batch=64)
+
+
+def test_unparseable_shard_names_the_file(tmp_path: Path):
+    write_set(digits_source(), tmp_path, shard_size=2000, progress=False)
+    folder = tmp_path / "digits"
+    shard = folder / "shard-000000.tar"
+    with wds.TarWriter(str(shard), encoder=False) as w:
+        for _ in range(2):  # the same key twice in a row: webdataset refuses the duplicate file
+            w.write({"__key__": "00000000", "png": b"x", "cls": b"1"})
+    _forget_sizes(folder)
+    with pytest.raises(UserError, match=re.escape(str(shard)) + ".*truncated or corrupt.*duplicate"):
+        take(dspec(tmp_path), 1, batch=8)
+
+
+def test_corrupt_png_names_the_shard(tmp_path: Path):
+    write_set(digits_source(), tmp_path, shard_size=2000, progress=False)
+    folder = tmp_path / "digits"
+    shard = folder / "shard-000000.tar"
+    with wds.TarWriter(str(shard), encoder=False) as w:
+        for i in range(1797):
+            w.write({"__key__": f"{i:08d}", "png": b"\x89PNG\r\n\x1a\nbroken", "cls": b"1"})
+    _forget_sizes(folder)
+    with pytest.raises(UserError, match=re.escape(str(shard)) + ".*bad png"):
+        take(dspec(tmp_path), 1, batch=8)
+    with pytest.raises(UserError, match=re.escape(str(shard)) + ".*bad png"):
+        take(dspec(tmp_path, workers=1), 1, batch=8)
+
+
+def _rgb_set(root: Path) -> Manifest:
+    """300 random 3x8x8 images whose channels have different means and spreads."""
+    rng = np.random.default_rng(0)
+    lo, hi = np.array([0, 100, 200]), np.array([255, 180, 230])
+    x = (lo[None, :, None, None] + rng.random((300, 3, 8, 8)) * (hi - lo)[None, :, None, None]).astype(np.uint8)
+    write_set(Source("rgb", "test", (3, 8, 8), 300, None, ((x[i], None) for i in range(300))), root, progress=False)
+    return Manifest.load(root / "rgb")
+
+
+def test_channel_normalisation_stats(tmp_path: Path):
+    m = _rgb_set(tmp_path)
+    spec = resolve_spec(Spec(data=dspec(tmp_path, name="rgb", normalize="channel")), m).data
+    assert spec.channels == 3 and len(spec.mean) == 3
+    x = torch.cat([b.x0 for b in take(spec, 30, batch=64)]).double()
+    mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))
+    assert torch.allclose(mean, torch.zeros(3, dtype=torch.float64), atol=0.03), mean
+    assert torch.allclose(std, torch.full((3,), 0.5, dtype=torch.float64), rtol=0.03), std

@@ -1,0 +1,46 @@
+"""The conditioning embedding: the positional time embedding against its formula, float32 under autocast."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.func import jvp
+
+from scm_graph.model import build_model
+from scm_graph.nets.embedding import PositionalEmbedding
+from tests.helpers import tiny_spec
+
+F64 = torch.float64
+
+
+def test_positional_embedding_matches_formula_and_has_unit_max_frequency():
+    emb = PositionalEmbedding(16).double()
+    c = torch.tensor([0.0, 0.3, 1.2, math.pi / 2], dtype=F64)
+    out = emb(c)
+    ref = torch.empty(4, 16, dtype=F64)
+    for k in range(8):
+        w = 10000.0 ** (-k / 8)  # w_k = (1/10000)^(k/half)
+        ref[:, k] = torch.cos(w * c)
+        ref[:, 8 + k] = torch.sin(w * c)
+    assert torch.allclose(out, ref, atol=1e-15)
+    # largest frequency is 1: |d emb / dc| <= 1 (the small Fourier scale of sCM Sec. 4.1)
+    _, d = jvp(emb, (c,), (torch.ones_like(c),))
+    assert d.abs().max() <= 1.0 + 1e-12
+
+
+@pytest.mark.parametrize("arch", ["unet", "dit"])
+def test_time_embedding_and_modulation_stay_float32_under_autocast(arch):
+    """Under bf16 autocast t, the time embedding and the adaptive-norm modulation are float32 while the
+    body (convs / attention projections) runs in bf16 (docs/design.md, "Mixed precision")."""
+    spec = tiny_spec("dit", width=8, head_dim=4, depth=1) if arch == "dit" else tiny_spec(attn_resolutions=(4,), head_dim=4)
+    m = build_model(spec)
+    seen: dict[str, torch.dtype] = {}
+    norm = next(mod for mod in m.modules() if hasattr(mod, "scale") and isinstance(mod.scale, torch.nn.Linear))
+    body = next(mod for name, mod in m.net.named_modules() if name.endswith("qkv"))
+    for name, mod in (("emb", m.net.emb.fc1), ("modulation", norm.scale), ("body", body)):
+        mod.register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(torch.randn(2, 1, 8, 8), torch.rand(2) + 0.1, torch.tensor([1, 2]))
+    assert seen == {"emb": torch.float32, "modulation": torch.float32, "body": torch.bfloat16}

@@ -1,0 +1,177 @@
+"""The sampling CLI on tiny trained checkpoints: options, seeds, EMA vs raw weights, labels, one-line errors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from PIL import Image
+
+import scm_graph.sample.cli as cli
+from scm_graph.checkpoint import load_checkpoint
+from scm_graph.sample.generate import generate, load_generator, to_uint8
+from tests.helpers import assert_user_error, run_cli
+
+pytestmark = pytest.mark.usefixtures("torch_defaults")
+
+T_MAX = math.atan(80 / 0.5)
+
+
+def _npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def test_cli_subprocess_one_step(tmp_path: Path, sct_ckpt: Path):
+    res = run_cli("scm_graph.sample", "--ckpt", sct_ckpt, "--steps", "1", "--n", "16", "--out", "g.png",
+                  cwd=tmp_path, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "g.png" in res.stdout and res.stderr == ""
+    with Image.open(tmp_path / "g.png") as im:
+        assert im.size == (4 * 68 + 4, 4 * 68 + 4) and im.mode == "L"  # 16 images, 4 per row, 8 px -> 64 px, 4 px pad
+
+
+def test_cli_consistency_options(tmp_path: Path, sct_ckpt: Path):
+    out = {}
+    for name, args in {"s1": ["--steps", "1"], "s2": ["--steps", "2"], "t2": ["--times", repr(T_MAX), "1.1"],
+                       "t3": ["--times", "1.5", "1.1", "0.6"]}.items():
+        cli.main(["--ckpt", str(sct_ckpt), "--n", "16", "--out", str(tmp_path / f"{name}.png"),
+                 "--npz", str(tmp_path / f"{name}.npz"), *args])
+        assert (tmp_path / f"{name}.png").is_file()
+        out[name] = _npz(tmp_path / f"{name}.npz")
+    g = load_generator(sct_ckpt)
+    for d in out.values():
+        assert d["samples"].dtype == np.uint8 and d["samples"].shape == (16, 1, 8, 8)
+        assert d["x"].dtype == np.float32 and d["x"].shape == (16, 1, 8, 8)
+        assert np.array_equal(d["samples"], to_uint8(torch.from_numpy(d["x"]), g.spec).numpy())
+    assert np.array_equal(out["s2"]["x"], out["t2"]["x"])  # --steps 2 == times [t_max, 1.1]
+    assert not np.array_equal(out["s1"]["x"], out["s2"]["x"])
+    assert not np.array_equal(out["t3"]["x"], out["s2"]["x"])
+    # the CLI is generate() on the EMA weights
+    assert np.array_equal(out["t3"]["x"], generate(g, 16, times=[1.5, 1.1, 0.6], seed=0).numpy())
+
+
+def test_cli_seed_and_raw(tmp_path: Path, sct_ckpt: Path):
+    def npz(name, *args):
+        cli.main(["--ckpt", str(sct_ckpt), "--n", "8", "--out", str(tmp_path / f"{name}.png"),
+                 "--npz", str(tmp_path / f"{name}.npz"), *args])
+        return _npz(tmp_path / f"{name}.npz")
+
+    a, b, c = npz("a", "--seed", "7"), npz("b", "--seed", "7"), npz("c", "--seed", "8")
+    assert np.array_equal(a["x"], b["x"]) and np.array_equal(a["samples"], b["samples"])
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert not np.array_equal(a["x"], c["x"])
+    ck = load_checkpoint(sct_ckpt)
+    assert any(not torch.equal(ck.net[k], ck.ema[k]) for k in ck.net)  # EMA lags the weights
+    raw = npz("raw", "--seed", "7", "--raw")
+    assert not np.array_equal(raw["x"], a["x"])
+    assert np.array_equal(raw["x"], generate(load_generator(sct_ckpt, ema=False), 8, steps=2, seed=7).numpy())
+
+
+def test_cli_diffusion_solvers(tmp_path: Path, diffusion_ckpt: Path):
+    res = {}
+    for solver in ("euler", "heun"):
+        cli.main(["--ckpt", str(diffusion_ckpt), "--solver", solver, "--steps", "4", "--n", "8",
+                 "--out", str(tmp_path / f"{solver}.png"), "--npz", str(tmp_path / f"{solver}.npz")])
+        res[solver] = _npz(tmp_path / f"{solver}.npz")
+        assert res[solver]["samples"].shape == (8, 1, 8, 8) and np.isfinite(res[solver]["x"]).all()
+        with Image.open(tmp_path / f"{solver}.png") as im:
+            assert im.size == (3 * 68 + 4, 3 * 68 + 4)
+    assert not np.array_equal(res["euler"]["x"], res["heun"]["x"])
+    g = load_generator(diffusion_ckpt)
+    assert not g.is_consistency
+    assert np.array_equal(res["heun"]["x"], generate(g, 8, steps=4, solver="heun").numpy())
+    assert np.array_equal(res["euler"]["x"], generate(g, 8, steps=4, solver="euler").numpy())
+
+
+# ----------------------------------------------------------------------------- CLI bad input
+
+
+def test_cli_missing_ckpt(tmp_path: Path):
+    res = run_cli("scm_graph.sample", "--ckpt", tmp_path / "nope.safetensors", "--out", tmp_path / "g.png",
+                  cwd=tmp_path, timeout=120)
+    assert_user_error(res, "nope.safetensors")
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_cli_not_safetensors(tmp_path: Path):
+    p = tmp_path / "junk.safetensors"
+    data = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    p.write_bytes(data)
+    mtime = p.stat().st_mtime_ns
+    res = run_cli("scm_graph.sample", "--ckpt", p, "--out", tmp_path / "g.png", cwd=tmp_path, timeout=120)
+    assert_user_error(res, "junk.safetensors")
+    assert p.read_bytes() == data and p.stat().st_mtime_ns == mtime
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_cli_safetensors_without_metadata(tmp_path: Path):
+    p = tmp_path / "plain.safetensors"
+    safetensors.torch.save_file({"a": torch.zeros(1)}, str(p))
+    data = p.read_bytes()
+    res = run_cli("scm_graph.sample", "--ckpt", p, "--out", tmp_path / "g.png", cwd=tmp_path, timeout=120)
+    assert_user_error(res, "plain.safetensors", "metadata")
+    assert p.read_bytes() == data and not (tmp_path / "g.png").exists()
+
+
+def _main_error(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        cli.main(list(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_cli_label_on_unconditional(tmp_path: Path, sct_ckpt: Path, capsys):
+    msg = _main_error(capsys, "--ckpt", str(sct_ckpt), "--label", "3", "--out", str(tmp_path / "g.png"))
+    assert "unconditional" in msg and not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--n", "0"], "--n"),
+    (["--times", "2.0"], "--times"),
+    (["--times", "1.0", "0"], "--times"),
+    (["--steps", "0"], "--steps"),
+])
+def test_cli_bad_values(tmp_path: Path, sct_ckpt: Path, capsys, args, needle):
+    msg = _main_error(capsys, "--ckpt", str(sct_ckpt), "--out", str(tmp_path / "g.png"), *args)
+    assert needle in msg and not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.parametrize("times", [["0.6", "1.1", "1.5"], ["1.1", "1.1"]])
+def test_cli_times_must_decrease(tmp_path: Path, sct_ckpt: Path, capsys, times):
+    msg = _main_error(capsys, "--ckpt", str(sct_ckpt), "--out", str(tmp_path / "g.png"), "--times", *times)
+    assert "--times" in msg and not (tmp_path / "g.png").exists()
+
+
+@pytest.fixture(scope="module")
+def cond_ckpt(tmp_path_factory, shard_root: Path, scm_cache) -> Path:
+    """A class-conditional tiny digits sCT run (1 step)."""
+    from tests.helpers import train_tiny
+
+    return train_tiny("digits_sct.py", shard_root, tmp_path_factory.mktemp("run") / "cond", 16,
+                       "--net.class_conditional", "true")
+
+
+def test_cli_label_on_conditional(tmp_path: Path, cond_ckpt: Path):
+    cli.main(["--ckpt", str(cond_ckpt), "--label", "3", "--n", "4", "--out", str(tmp_path / "g.png"),
+             "--npz", str(tmp_path / "a.npz")])
+    cli.main(["--ckpt", str(cond_ckpt), "--label", "5", "--n", "4", "--out", str(tmp_path / "g.png"),
+             "--npz", str(tmp_path / "b.npz")])
+    assert not np.array_equal(_npz(tmp_path / "a.npz")["x"], _npz(tmp_path / "b.npz")["x"])
+
+
+@pytest.mark.parametrize("label", ["12", "-1"])
+def test_cli_label_out_of_range(tmp_path: Path, cond_ckpt: Path, capsys, label):
+    msg = _main_error(capsys, "--ckpt", str(cond_ckpt), "--label", label, "--out", str(tmp_path / "g.png"))
+    assert "--label" in msg
+
+
+@pytest.mark.parametrize("args", [["--steps", "x"], []])
+def test_cli_argparse_errors_are_one_line(tmp_path: Path, args):
+    assert_user_error(run_cli("scm_graph.sample", *args, cwd=tmp_path, timeout=120))

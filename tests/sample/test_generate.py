@@ -1,0 +1,54 @@
+"""generate(): batching, the sampler per model kind, seeds, explicit times; to_uint8."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scm_graph.data.normalize import normalize
+from scm_graph.sample.generate import Generator, generate, to_uint8
+from scm_graph.sample.samplers import nfe, ode_times
+from scm_graph.spec import DataSpec, ObjectiveSpec, Spec
+from tests.sample.test_samplers import SD, SHAPE, T_MAX, PointMassModel
+
+pytestmark = pytest.mark.usefixtures("torch_defaults")
+
+
+def stub(kind: str, seed: int = 0) -> Generator:
+    """A generator whose model is the exact point-mass model (every sampler returns the point)."""
+    a = torch.randn(1, *SHAPE, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 0.5
+    spec = Spec(data=DataSpec(resolution=SHAPE[-1], channels=SHAPE[0]), objective=ObjectiveSpec(kind=kind, sigma_d=SD))
+    return Generator(PointMassModel(a, SD), spec, torch.device("cpu"))
+
+
+def test_generate_uses_the_samplers_and_counts_nfe():
+    for kind, solver, steps in [("sct", "heun", 1), ("sct", "heun", 3), ("diffusion", "heun", 6),
+                                ("diffusion", "euler", 6)]:
+        g = stub(kind)
+        x = generate(g, 10, steps=steps, solver=solver, seed=3, batch=4)  # 3 batches
+        assert x.shape == (10, *SHAPE) and x.dtype == torch.float32 and x.device.type == "cpu"
+        assert g.model.calls == 3 * nfe(g.is_consistency, steps, solver)
+        torch.testing.assert_close(x, g.model.a.float().expand_as(x), rtol=0, atol=1e-4)
+    g = stub("diffusion")
+    assert torch.equal(generate(g, 5, steps=3, seed=1), generate(g, 5, steps=3, seed=1))
+
+
+def test_generate_times_override_steps():
+    g = stub("diffusion")
+    a = generate(g, 4, steps=5, seed=2)
+    b = generate(g, 4, times=ode_times(5, SD)[:-1], seed=2)  # the trailing 0 is appended
+    assert torch.equal(a, b)
+    c = stub("sct")
+    assert torch.equal(generate(c, 4, steps=2, seed=2), generate(c, 4, times=[T_MAX, 1.1], seed=2))
+
+
+def test_to_uint8_inverts_normalize():
+    u8 = torch.arange(256, dtype=torch.uint8).reshape(4, 1, 8, 8)
+    for norm, extra in [("pixel", {}), ("channel", {"mean": (80.0,), "std": (90.0,)})]:
+        spec = Spec(data=DataSpec(resolution=8, channels=1, normalize=norm, **extra))
+        x = normalize(u8, spec.data, 0.5)
+        assert torch.equal(to_uint8(x, spec), u8)
+        assert torch.equal(to_uint8(x + 100.0, spec), torch.full_like(u8, 255))
+        assert torch.equal(to_uint8(x - 100.0, spec), torch.zeros_like(u8))
+
+
