@@ -13,12 +13,47 @@ from scm_graph.shard import main
 
 
 def test_main_missing_src_is_one_line(tmp_path: Path, capsys):
-    for argv in (["cifar10", "--out", str(tmp_path)], ["folder", "--src", str(tmp_path / "x"), "--resolution", "8"]):
+    expected = ["error: the following arguments are required: --src", f"error: --src {tmp_path / 'x'} is not a folder"]
+    for argv, line in zip((["cifar10", "--out", str(tmp_path)], ["folder", "--src", str(tmp_path / "x"), "--resolution", "8"]),
+                          expected):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("error:") and err.count("\n") == 1
+        assert err == line + "\n"
+
+
+@pytest.mark.parametrize("argv,line", [
+    (["folder", "--resolution", "8"], "error: the following arguments are required: --src"),
+    (["folder", "--src", "."], "error: the following arguments are required: --resolution"),
+    (["folder", "--src", ".", "--resolution", "0"], "error: --resolution must be positive, not 0"),
+    (["digits", "--shard-size", "0"], "error: --shard-size must be positive, not 0"),
+    (["digits", "--shard-size", "many"], "error: argument --shard-size: invalid int value: 'many'"),
+    (["cifar10", "--src", "x", "--split", "val"], "error: argument --split: invalid choice: 'val' (choose from train, test)"),
+    (["imagenet"], "error: argument SOURCE: invalid choice: 'imagenet' (choose from digits, cifar10, folder)"),
+    ([], "error: the following arguments are required: SOURCE"),
+    (["digits", "--name", ".hidden"], "error: --name must be a plain folder name, not '.hidden'"),
+])
+def test_main_bad_arguments_say_what_is_wrong(tmp_path: Path, capsys, monkeypatch, argv, line):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--out", str(tmp_path)] if argv else argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    if "(choose from" in line:  # argparse quotes the choices in some Python versions and not in others
+        err = err.replace("'digits'", "digits").replace("'cifar10'", "cifar10").replace("'folder'", "folder")
+        err = err.replace("'train'", "train").replace("'test'", "test")
+    assert err == line + "\n"
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_main_refuses_existing_set(tmp_path: Path, capsys):
+    (tmp_path / "digits").mkdir()
+    with pytest.raises(SystemExit) as e:
+        main(["digits", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'digits'} already exists; pass --force to replace it\n"
 
 
 def test_cli_subprocess_digits(tmp_path: Path):
@@ -39,3 +74,4 @@ def test_cli_subprocess_bad_source_is_one_line(tmp_path: Path):
     assert bad.returncode != 0
     lines = bad.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), bad.stderr
+    assert bad.returncode == 2 and lines[0] == f"error: --src {tmp_path / 'nope'} does not exist", bad.stderr

@@ -90,19 +90,70 @@ def test_cifar10_malicious_pickle_refused(tmp_path: Path, monkeypatch):
 
 
 def test_cifar10_bad_sources(tmp_path: Path):
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist") as e:
         cifar10_source(tmp_path / "nope.tar.gz")
+    assert str(e.value) == f"--src {tmp_path / 'nope.tar.gz'} does not exist"
     junk = tmp_path / "junk.tar.gz"
     junk.write_bytes(b"not an archive at all" * 100)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError) as e:
         cifar10_source(junk)
+    assert str(e.value) == f"--src {junk} is not a tar archive (want cifar-10-python.tar.gz)"
     other = tmp_path / "other.tar.gz"
     (tmp_path / "readme.txt").write_text("hello")
     with tarfile.open(other, "w:gz") as tf:
         tf.add(tmp_path / "readme.txt", arcname="cifar-100-python/readme.txt")
-    with pytest.raises(UserError, match="not a CIFAR-10 python archive"):
+    with pytest.raises(UserError, match="not a CIFAR-10 python archive") as e:
         cifar10_source(other)
+    missing = ", ".join(f"data_batch_{i}" for i in range(1, 6))
+    assert str(e.value) == f"--src {other}: not a CIFAR-10 python archive (missing {missing})"
+    with pytest.raises(UserError) as e:
+        cifar10_source(other, "test")
+    assert str(e.value) == f"--src {other}: not a CIFAR-10 python archive (missing test_batch)"
     empty = tmp_path / "empty_dir"
     empty.mkdir()
-    with pytest.raises(UserError, match="no CIFAR-10"):
+    with pytest.raises(UserError, match="no CIFAR-10") as e:
         cifar10_source(empty)
+    assert str(e.value) == f"--src {empty}: no CIFAR-10 python batches (data_batch_1..5, test_batch) found"
+
+
+def test_cifar10_bad_split_and_truncated_archive(tmp_path: Path):
+    archive, _, _ = make_fake_cifar(tmp_path)
+    with pytest.raises(UserError) as e:
+        cifar10_source(archive, "val")
+    assert str(e.value) == "--split must be train or test, not 'val'"
+    data = archive.read_bytes()
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(data[: len(data) // 2])  # still starts like a tar.gz; the gzip stream ends early
+    with pytest.raises(UserError) as e:
+        cifar10_source(cut)
+    msg = str(e.value)
+    assert msg.startswith(f"{cut}: cannot read the CIFAR-10 archive (EOFError: ") and "\n" not in msg, msg
+
+
+def _pickled(d) -> bytes:
+    return pickle.dumps(d, protocol=2)
+
+
+_DATA = np.zeros((2, 3072), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("batch,problem", [
+    (_pickled([1, 2]), "not a dict"),
+    (_pickled({b"labels": [0, 1]}), "data must be uint8 [n, 3072]"),
+    (_pickled({b"data": _DATA.astype(np.float64), b"labels": [0, 1]}), "data must be uint8 [n, 3072]"),
+    (_pickled({b"data": _DATA[:, :3000], b"labels": [0, 1]}), "data must be uint8 [n, 3072]"),
+    (_pickled({b"data": _DATA, b"labels": [0, 10]}), "labels must be n ints in 0..9"),
+    (_pickled({b"data": _DATA, b"labels": [-1, 0]}), "labels must be n ints in 0..9"),
+    (_pickled({b"data": _DATA, b"labels": [0]}), "labels must be n ints in 0..9"),
+    (_pickled({b"data": _DATA, b"labels": "ab"}), "labels must be n ints in 0..9"),
+    (b"\x00garbage", "UnpicklingError: "),
+], ids=["not_a_dict", "no_data", "float_data", "short_rows", "label_10", "label_negative", "labels_short", "labels_str",
+        "not_a_pickle"])
+def test_cifar10_bad_batch_names_the_batch_and_the_problem(tmp_path: Path, batch: bytes, problem: str):
+    archive, folder, _ = make_fake_cifar(tmp_path, evil=batch)  # data_batch_1 replaced
+    for src in (archive, folder):
+        with pytest.raises(UserError) as e:
+            cifar10_source(src)
+        msg = str(e.value)
+        assert msg.startswith(f"{src}:data_batch_1: not a CIFAR-10 python batch ({problem}"), msg
+        assert "\n" not in msg

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import re
 from itertools import islice
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from PIL import Image
 
 from scm_graph.data.digits import digits_source, load_digits_uint8
 from scm_graph.data.manifest import Manifest, resolve_spec
@@ -90,10 +92,35 @@ def test_unlabelled_set_gives_none(tmp_path: Path):
 
 
 def test_bad_stream_arguments(root: Path):
-    with pytest.raises(UserError):
+    with pytest.raises(UserError) as e:
         next(batches(dspec(root), 0.5, 0, 0))
-    with pytest.raises(UserError):
+    assert str(e.value) == "batch must be positive and start_images >= 0 (got 0, 0)"
+    with pytest.raises(UserError) as e:
         next(batches(dspec(root), 0.5, 8, 0, rank=2, world_size=2))
+    assert str(e.value) == "rank 2 is outside world_size 2"
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(batch=-3), "batch must be positive and start_images >= 0 (got -3, 0)"),
+    (dict(start_images=-1), "batch must be positive and start_images >= 0 (got 8, -1)"),
+    (dict(rank=-1), "rank -1 is outside world_size 1"),
+    (dict(rank=0, world_size=0), "rank 0 is outside world_size 0"),
+])
+def test_bad_stream_arguments_name_the_values(root: Path, kw: dict, message: str):
+    args = {"batch": 8, "start_images": 0, "rank": 0, "world_size": 1, **kw}
+    with pytest.raises(UserError) as e:
+        next(batches(dspec(root), 0.5, args.pop("batch"), 0, **args))
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("field,value", [("segment_images", 0), ("shuffle_buffer", -1), ("workers", -1)])
+def test_bad_stream_settings_name_the_fields(root: Path, field: str, value: int):
+    with pytest.raises(UserError) as e:
+        next(batches(dspec(root, **{field: value}), 0.5, 8, 0))
+    msg = str(e.value)
+    # the message names all three fields and their bounds, not which one is wrong (nor its value)
+    assert msg == "data.segment_images must be positive, data.shuffle_buffer and data.workers >= 0"
+    assert f"data.{field}" in msg
 
 
 # ----------------------------------------------------------------------------- corrupt shards
@@ -119,10 +146,14 @@ def test_truncated_shard_is_user_error(tmp_path: Path, sizes_in_manifest: bool):
     _truncate(shard)
     if not sizes_in_manifest:
         _forget_sizes(tmp_path / "digits")
+    size, listed = shard.stat().st_size, json.loads((tmp_path / "digits" / "manifest.json").read_text()).get("shard_bytes")
     with pytest.raises(UserError) as e:
         take(dspec(tmp_path, shuffle_buffer=10), 200, batch=64)
     msg = str(e.value)
     assert str(shard) in msg and "truncated or corrupt" in msg and "\n" not in msg
+    problem = f"{size} bytes, manifest says {listed[1]}" if sizes_in_manifest else "no end-of-archive marker"
+    assert msg == (f"shard file {shard} is truncated or corrupt ({problem}); "
+                   f"run `python -m scm_graph.shard digits --out {tmp_path} --force`")
 
 
 def test_shard_with_fewer_samples_than_listed(tmp_path: Path):
@@ -157,10 +188,50 @@ def test_corrupt_png_names_the_shard(tmp_path: Path):
         for i in range(1797):
             w.write({"__key__": f"{i:08d}", "png": b"\x89PNG\r\n\x1a\nbroken", "cls": b"1"})
     _forget_sizes(folder)
-    with pytest.raises(UserError, match=re.escape(str(shard)) + ".*bad png"):
+    with pytest.raises(UserError, match=re.escape(str(shard)) + ".*bad png") as e:
         take(dspec(tmp_path), 1, batch=8)
-    with pytest.raises(UserError, match=re.escape(str(shard)) + ".*bad png"):
+    assert re.fullmatch(rf"shard file {re.escape(str(shard))}: sample \d{{8}} has a bad png \(UnidentifiedImageError: .+\)",
+                        str(e.value)), str(e.value)
+    with pytest.raises(UserError, match=re.escape(str(shard)) + ".*bad png") as e:
         take(dspec(tmp_path, workers=1), 1, batch=8)
+    assert re.fullmatch(rf"shard file {re.escape(str(shard))}: sample \d{{8}} has a bad png \(UnidentifiedImageError: .+\)",
+                        str(e.value)), str(e.value)
+
+
+def _rewrite_shard(tmp_path: Path, sample) -> Path:
+    """The digits as one shard, rewritten so that every sample is `sample(i)` (a dict of raw bytes)."""
+    write_set(digits_source(), tmp_path, shard_size=2000, progress=False)
+    folder = tmp_path / "digits"
+    shard = folder / "shard-000000.tar"
+    with wds.TarWriter(str(shard), encoder=False) as w:
+        for i in range(1797):
+            w.write({"__key__": f"{i:08d}", **sample(i)})
+    _forget_sizes(folder)
+    return shard
+
+
+def _png_bytes(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (w, h), 7).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_wrong_image_size_names_the_sizes(tmp_path: Path):
+    png = _png_bytes(4, 8)  # 4 wide, 8 high; the manifest says 8x8
+    shard = _rewrite_shard(tmp_path, lambda i: {"png": png, "cls": b"1"})
+    with pytest.raises(UserError) as e:
+        take(dspec(tmp_path), 1, batch=8)
+    assert re.fullmatch(rf"shard file {re.escape(str(shard))}: sample \d{{8}} is 4x8, manifest says 8x8", str(e.value)), str(e.value)
+
+
+@pytest.mark.parametrize("cls", [b"10", b"-1", b"x", None])
+def test_bad_label_names_the_sample(tmp_path: Path, cls: bytes | None):
+    png = _png_bytes(8, 8)
+    shard = _rewrite_shard(tmp_path, lambda i: {"png": png, **({} if cls is None else {"cls": cls})})
+    with pytest.raises(UserError) as e:
+        take(dspec(tmp_path), 1, batch=8)
+    # the message names the shard and the sample, not the label it found nor the valid range
+    assert re.fullmatch(rf"shard file {re.escape(str(shard))}: sample \d{{8}} has a missing or bad label", str(e.value)), str(e.value)
 
 
 def _rgb_set(root: Path) -> Manifest:

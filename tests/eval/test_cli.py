@@ -6,11 +6,13 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
+from scipy.linalg import sqrtm
 
 import scm_graph.eval.cli as ev_cli
 import scm_graph.eval.evaluator as ev
-from scm_graph.sample.generate import load_generator
+from scm_graph.sample.generate import generate, load_generator, to_uint8
 from tests.helpers import assert_user_error, run_cli
 
 pytestmark = pytest.mark.usefixtures("torch_defaults", "scm_cache")
@@ -40,15 +42,43 @@ def test_cli_json_with_floor(tmp_path: Path, sct_ckpt: Path):
     assert rows[1]["fd"] == pytest.approx(last["fd_2step"], rel=1e-6)
 
 
-def test_evaluate_in_process_matches_floor_and_seed(sct_ckpt: Path):
-    from scm_graph.eval.digits import digits_floor_fd
+def _fd_reference(f1: np.ndarray, f2: np.ndarray) -> float:
+    """Frechet distance of Gaussian fits, with numpy + scipy.linalg.sqrtm (independent of scm_graph.eval.frechet)."""
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)  # unbiased: X_c^T X_c / (N - 1)
+    covmean = np.real(sqrtm(s1 @ s2))  # (S1 S2)^{1/2}
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * covmean))  # ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2})
+
+
+def test_evaluate_fd_matches_independent_reference_and_seed(sct_ckpt: Path):
+    """evaluate()'s FD (1 and 2 steps, two seeds) equals the FD of samples generated here, featurised by the
+    digits classifier and scored with numpy + scipy's sqrtm; another seed gives another value. The real-data
+    floor is checked the same way. n = 128 > 64 features keeps the covariances non-singular."""
+    from scm_graph.data.digits import load_digits_uint8
+    from scm_graph.eval.digits import digits_features, digits_floor_fd
 
     g = load_generator(sct_ckpt)
+    real = digits_features(load_digits_uint8()[0])
+    n = 128
+    fds = {}
+    for seed in (3, 4):
+        rows = ev.evaluate(g, [1, 2], n=n, seed=seed)
+        assert [(r.steps, r.n) for r in rows] == [(1, n), (2, n)]
+        for r in rows:
+            x = to_uint8(generate(g, n, steps=r.steps, seed=seed), g.spec)
+            ref = _fd_reference(digits_features(x), real)
+            assert r.fd == pytest.approx(ref, rel=1e-8), (seed, r.steps)
+            fds[seed, r.steps] = r.fd
+    again = ev.evaluate(g, [1], n=n, seed=3)
+    assert again[0].fd == fds[3, 1] and fds[3, 1] != fds[4, 1] and fds[3, 2] != fds[4, 2]
     a = ev.evaluate(g, [1], n=32, seed=3)
     b = ev.evaluate(g, [1], n=32, seed=3)
     c = ev.evaluate(g, [1], n=32, seed=4)
     assert a[0].fd == b[0].fd and a[0].fd != c[0].fd
     assert digits_floor_fd(0) == digits_floor_fd(0) > 0
+    perm = np.random.default_rng(0).permutation(real.shape[0])  # two random halves of the real set
+    h = real.shape[0] // 2
+    assert digits_floor_fd(0) == pytest.approx(_fd_reference(real[perm[:h]], real[perm[h:]]), rel=1e-8)
 
 
 def test_cli_table(sct_ckpt: Path, capsys):
@@ -84,6 +114,10 @@ def test_cli_bad_values(sct_ckpt: Path, capsys, args, needle):
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
 
 
-@pytest.mark.parametrize("args", [["--n", "many"], []])
-def test_cli_argparse_errors_are_one_line(tmp_path: Path, args):
-    assert_user_error(run_cli("scm_graph.eval", *args, cwd=tmp_path, timeout=120))
+@pytest.mark.parametrize("args,needles", [
+    (["--n", "many"], ("argument --n", "invalid int value", "'many'")),
+    ([], ("required", "--ckpt")),
+])
+def test_cli_argparse_errors_are_one_line(tmp_path: Path, args, needles):
+    """argparse's own errors come out as one `error:` line that names the argument and what is wrong with it."""
+    assert_user_error(run_cli("scm_graph.eval", *args, cwd=tmp_path, timeout=120), *needles)

@@ -26,14 +26,20 @@ def _random_orthogonal(rng: np.random.Generator, d: int) -> np.ndarray:
 
 
 def test_feature_stats_of_matches_numpy():
-    f = np.random.default_rng(0).standard_normal((50, 4))
+    f = np.random.default_rng(0).standard_normal((50, 4)) + np.array([3.0, -1.0, 0.5, 10.0])
     s = FeatureStats.of(f)
     assert s.n == 50 and s.mu.dtype == np.float64 and s.sigma.shape == (4, 4)
+    n, d = f.shape
+    mu = np.array([sum(f[i, j] for i in range(n)) / n for j in range(d)])  # mu_j = (1/N) sum_i x_ij
+    xc = f - mu  # X_c = X - 1 mu^T
+    cov = np.array([[sum(xc[i, j] * xc[i, k] for i in range(n)) / (n - 1) for k in range(d)] for j in range(d)])  # S = X_c^T X_c / (N - 1)
+    np.testing.assert_allclose(s.mu, mu, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(s.sigma, cov, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(s.mu, f.mean(0))
     np.testing.assert_allclose(s.sigma, np.cov(f, rowvar=False, ddof=1))
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="at least 2 samples"):
         FeatureStats.of(f[:1])
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="non-finite"):
         FeatureStats.of(np.full((3, 2), np.nan))
 
 
@@ -85,12 +91,18 @@ def test_fd_general_spd_vs_reference_and_symmetric():
 
 
 def test_fd_shape_mismatch_raises():
+    """The errors say what is wrong: both sides' shapes, or that values are not finite."""
     rng = np.random.default_rng(5)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="shape") as e:
         frechet_distance(FeatureStats(np.zeros(3), np.eye(3), 2), FeatureStats(np.zeros(4), np.eye(4), 2))
+    msg = str(e.value)
+    assert "(3,)" in msg and "(4,)" in msg and "(3, 3)" in msg and "(4, 4)" in msg, msg
+    with pytest.raises(UserError, match="shape") as e:  # the means agree, a covariance does not
+        frechet_distance(FeatureStats(np.zeros(3), np.eye(3), 2), FeatureStats(np.zeros(3), np.eye(4), 2))
+    assert "(3, 3)" in str(e.value) and "(4, 4)" in str(e.value), e.value
     bad = _random_spd(rng, 3)
     bad[0, 0] = np.inf
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="non-finite"):
         frechet_distance(FeatureStats(np.zeros(3), bad, 2), FeatureStats(np.zeros(3), np.eye(3), 2))
 
 

@@ -114,3 +114,125 @@ def test_dit_compiled_jvp_matches_eager(torch_defaults):
     net = DiT(8, 1, **TINY)
     perturb_zero_init(net)
     compiled_jvp_vs_eager(net, torch.randn(2, 1, 8, 8), torch.rand(2), num_attn=2)
+
+
+# ----------------------------------------------------------------------------- patch placement
+
+
+class _NoNorm(torch.nn.Module):
+    """Stands in for norm_out: passes the tokens through (the adaptive norm casts to float32 and mixes channels)."""
+
+    def forward(self, tokens, emb):
+        return tokens
+
+
+PLACEMENT = [(6, 3, 2), (12, 2, 3), (8, 1, 4)]  # (resolution, channels, patch): grids 3, 4 and 2
+WIDE = dict(width=24, head_dim=8, mlp_ratio=2.0)  # width >= p * p * C for every case
+
+
+def _placement_net(res: int, ch: int, patch: int, depth: int = 0) -> DiT:
+    """A float64 DiT whose blocks are inert (none, or zero-initialised residual branches) and norm_out is identity."""
+    torch.manual_seed(0)
+    net = DiT(res, ch, depth=depth, patch_size=patch, **WIDE).double()
+    net.norm_out = _NoNorm()
+    return net
+
+
+def _select(rows: int, cols: int) -> torch.Tensor:
+    """[rows, cols] float64 with ones on the diagonal: row m picks column m."""
+    return torch.eye(rows, cols, dtype=F64)
+
+
+def _reference(x, wp, bp, pos, wo, bo, p: int) -> torch.Tensor:
+    """Patchify, position embedding, final linear and unpatchify in plain Python loops (float64).
+
+    Token n = i * grid + j holds patch (i, j): pixels (i p + a, j p + b); output feature m = (a p + b) C + c
+    of token n lands at pixel (c, i p + a, j p + b).
+    """
+    bsz, ch, res, _ = x.shape
+    grid, width = res // p, wp.shape[0]
+    x, wp, bp, pos, wo, bo = (t.tolist() for t in (x, wp, bp, pos, wo, bo))
+    y = [[[[0.0] * res for _ in range(res)] for _ in range(ch)] for _ in range(bsz)]
+    for s in range(bsz):
+        for i in range(grid):
+            for j in range(grid):
+                n = i * grid + j
+                token = [bp[k] + pos[n][k] + sum(wp[k][c][a][b] * x[s][c][i * p + a][j * p + b]
+                                                 for c in range(ch) for a in range(p) for b in range(p))
+                         for k in range(width)]
+                for a in range(p):
+                    for b in range(p):
+                        for c in range(ch):
+                            m = (a * p + b) * ch + c
+                            y[s][c][i * p + a][j * p + b] = bo[m] + sum(wo[m][k] * token[k] for k in range(width))
+    return torch.tensor(y, dtype=F64)
+
+
+@pytest.mark.parametrize("res,ch,patch", PLACEMENT)
+def test_dit_patch_placement_matches_hand_written_loops(res, ch, patch):
+    """Random patchify / output weights, the real 2D position embedding: the DiT is the loop reference."""
+    net = _placement_net(res, ch, patch)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for prm in (net.patchify.weight, net.patchify.bias, net.out.weight, net.out.bias):
+            prm.copy_(torch.randn(prm.shape, generator=g, dtype=F64))
+    x, c = torch.randn(2, ch, res, res, generator=g, dtype=F64), torch.rand(2, dtype=F64)
+    ref = _reference(x, net.patchify.weight, net.patchify.bias, net.pos[0].double(), net.out.weight, net.out.bias, patch)
+    torch.testing.assert_close(net(x, c), ref, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+@pytest.mark.parametrize("res,ch,patch", PLACEMENT)
+def test_dit_output_patch_ij_comes_from_token_i_grid_plus_j(res, ch, patch, depth):
+    """Tokens set by hand (value 100 n + k in feature k of token n), the final linear picks features
+    0..p p C - 1: pixel (c, i p + a, j p + b) must hold 100 (i grid + j) + (a p + b) C + c."""
+    net = _placement_net(res, ch, patch, depth)  # depth 2: zero-initialised blocks add exactly 0
+    grid, width, out_feats = res // patch, net.pos.shape[-1], patch * patch * ch
+    n, k = torch.meshgrid(torch.arange(grid * grid, dtype=F64), torch.arange(width, dtype=F64), indexing="ij")
+    with torch.no_grad():
+        net.patchify.weight.zero_()
+        net.patchify.bias.zero_()
+        net.pos = (100 * n + k)[None]
+        net.out.weight.copy_(_select(out_feats, width))
+        net.out.bias.zero_()
+    y = net(torch.randn(2, ch, res, res, dtype=F64), torch.rand(2, dtype=F64))
+    for i in range(grid):
+        for j in range(grid):
+            for a in range(patch):
+                for b in range(patch):
+                    for c in range(ch):
+                        want = 100 * (i * grid + j) + (a * patch + b) * ch + c
+                        got = y[:, c, i * patch + a, j * patch + b].tolist()
+                        assert got == [want, want], f"patch ({i}, {j}) offset ({a}, {b}) channel {c}: {got}, want {want}"
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+@pytest.mark.parametrize("res,ch,patch", PLACEMENT)
+def test_dit_token_i_grid_plus_j_holds_patch_ij(res, ch, patch, depth):
+    """Patchify set by hand to copy pixel (c, a, b) of a patch into feature (a p + b) C + c, no position
+    embedding: token i grid + j holds the pixels (i p + a, j p + b), and the output is the input again."""
+    net = _placement_net(res, ch, patch, depth)
+    grid, width, out_feats = res // patch, net.pos.shape[-1], patch * patch * ch
+    with torch.no_grad():
+        # conv weight [width, C, p, p]: feature (a p + b) C + c reads channel c at offset (a, b)
+        net.patchify.weight.copy_(_select(width, out_feats).view(width, patch, patch, ch).permute(0, 3, 1, 2))
+        net.patchify.bias.zero_()
+        net.pos = torch.zeros_like(net.pos, dtype=F64)
+        net.out.weight.copy_(_select(out_feats, width))
+        net.out.bias.zero_()
+    seen = []
+    net.norm_out.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    x = torch.randn(2, ch, res, res, dtype=F64)
+    y = net(x, torch.rand(2, dtype=F64))
+    (tokens,) = seen
+    assert tokens.shape == (2, grid * grid, width)
+    for i in range(grid):
+        for j in range(grid):
+            for a in range(patch):
+                for b in range(patch):
+                    for c in range(ch):
+                        assert torch.equal(tokens[:, i * grid + j, (a * patch + b) * ch + c],
+                                           x[:, c, i * patch + a, j * patch + b]), \
+                            f"token {i * grid + j} feature {(a * patch + b) * ch + c} is not pixel ({c}, {i * patch + a}, {j * patch + b})"
+    assert torch.equal(tokens[..., out_feats:], torch.zeros_like(tokens[..., out_feats:]))
+    assert torch.equal(y, x)

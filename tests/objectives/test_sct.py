@@ -1,28 +1,17 @@
-"""sCT and diffusion objectives against finite differences and the discrete-time limit (float64)."""
+"""The sCT objective against finite differences, closed forms at theta = theta^- and the discrete-time limit
+(float64); the diffusion loss is in test_diffusion.py."""
 
 import dataclasses
-import math
 
 import pytest
 import torch
 from torch.func import functional_call, jvp
 
 from scm_graph import trigflow
-from scm_graph.objectives import StepInputs
 from scm_graph.objectives.diffusion import diffusion_loss
 from scm_graph.objectives.sct import sct_loss, tangent
 from scm_graph.spec import ObjectiveSpec
-
-SD = 0.5
-
-
-def _inputs(B=3, seed=0, r=1.0, labels=True, sd=SD):
-    g = torch.Generator().manual_seed(seed)
-    x0 = torch.randn(B, 1, 8, 8, generator=g, dtype=torch.float64) * sd
-    z = torch.randn(B, 1, 8, 8, generator=g, dtype=torch.float64) * sd
-    t = torch.tensor([0.3, 0.9, 1.35], dtype=torch.float64)[:B]
-    lab = torch.arange(B) if labels else None
-    return StepInputs(x0, z, t, lab, torch.tensor(7), torch.tensor(r, dtype=torch.float64))
+from tests.objectives.shared import SD, _grads, _inputs, _poison, _subset
 
 
 def test_jvp_matches_central_difference(tiny_model64):
@@ -64,11 +53,6 @@ def test_g_is_cos_t_times_df_dt_along_the_path(tiny_model64, sd: float):
     assert torch.allclose(g0, -trigflow.expand(torch.cos(inp.t) ** 2, g) * (sd * F - dxt))
 
 
-def _grads(m, loss):
-    ps = [p for n, p in m.named_parameters() if n.startswith("net.")]
-    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, ps)])
-
-
 def test_sct_gradient_is_the_continuous_limit_of_discrete_cm(tiny_model64):
     """grad L_sCT = lim_{dt->0} grad of the discrete CM loss with weights 2/(D sigma_d tan t (||g||+c) 2dt).
 
@@ -101,7 +85,13 @@ def test_sct_gradient_is_the_continuous_limit_of_discrete_cm(tiny_model64):
 
 
 def test_sct_value_is_normalized_tangent_norm_and_w_gradient(tiny_model64):
-    """At theta = theta^- the residual is -g/(||g||+c): mse = (||g||/(||g||+c))^2 / D."""
+    """At theta = theta^- the residual is -g/(||g||+c): mse = (||g||/(||g||+c))^2 / D.
+
+    Gradients there, against closed forms (autograd of `sct_loss(...).loss` vs):
+    w_phi: dL/dw_i = (e^{w_i} mse_i - 1) / B chained through w_phi(t) = a^T emb(t) + b;
+    network: the gradient of mean_i e^{w_i} (-2/D) <stopgrad(g_i / (||g_i|| + c)), F_theta(x_t_i)>, with g from
+    a central difference of f along the path (g = cos t df/dt at r = 1) and F_theta from calling the model.
+    """
     m = tiny_model64
     params = dict(m.named_parameters())
     cfg = ObjectiveSpec(sigma_d=SD)
@@ -112,6 +102,39 @@ def test_sct_value_is_normalized_tangent_norm_and_w_gradient(tiny_model64):
     w = m.w_phi(_inputs().t)
     assert torch.allclose(out.loss, (torch.exp(w) * expect - w).mean())
 
+    inp = _inputs()
+    B = inp.t.shape[0]
+    names = list(params)
+    grads = dict(zip(names, torch.autograd.grad(out.loss, [params[k] for k in names])))
+    # (a) w_phi parameters
+    with torch.no_grad():
+        dL_dw = (torch.exp(w) * expect - 1) / B  # d/dw_i (1/B) sum_j (e^{w_j} mse_j - w_j), Eq. 8
+        emb = m.w_phi.emb(inp.t)  # [B, 128]; c_noise(t) = t
+    assert dL_dw.abs().min().item() > 1e-4  # a non-degenerate closed form
+    assert torch.allclose(grads["w_phi.linear.bias"], dL_dw.sum().reshape(1), rtol=1e-10, atol=0)  # dw_i/db = 1
+    assert torch.allclose(grads["w_phi.linear.weight"], (dL_dw[:, None] * emb).sum(0, keepdim=True), rtol=1e-10, atol=1e-15)  # dw_i/da = emb(t_i)
+    # (b) network parameters
+    cos, sin = torch.cos(inp.t)[:, None, None, None], torch.sin(inp.t)[:, None, None, None]
+    x_t = cos * inp.x0 + sin * inp.z  # x_t = cos t x0 + sin t z (Eq. 2)
+
+    def f_along(t):
+        c, s = torch.cos(t)[:, None, None, None], torch.sin(t)[:, None, None, None]
+        xs = c * inp.x0 + s * inp.z  # x_t along the same (x0, z) path
+        return c * xs - s * SD * m(xs, t, inp.labels, inp.dropout_key)  # f = cos t x_t - sin t sigma_d F (Eq. 5)
+
+    h = 1e-5
+    with torch.no_grad():
+        g = cos * (f_along(inp.t + h) - f_along(inp.t - h)) / (2 * h)  # g = cos t df^-/dt (Algorithm 1, r = 1)
+        g_n = g / (g.flatten(1).norm(dim=1) + cfg.tangent_c)[:, None, None, None]  # g / (||g|| + c) (Sec. 4.2)
+    F = m(x_t, inp.t, inp.labels, inp.dropout_key)  # F_theta(x_t / sigma_d, t)
+    surrogate = (torch.exp(w.detach()) * (-2 / D) * (g_n * F).flatten(1).sum(1)).mean()  # dL/dF_i = -(2/B)(e^{w_i}/D) g_n_i at F = F^-
+    net = [k for k in names if k.startswith("net.")]
+    ref = dict(zip(net, torch.autograd.grad(surrogate, [params[k] for k in net])))
+    scale = max(r.abs().max() for r in ref.values())
+    for k in net:
+        assert torch.allclose(grads[k], ref[k], rtol=1e-6, atol=1e-9 * scale), k
+    assert set(names) == set(net) | {"w_phi.linear.weight", "w_phi.linear.bias"}  # every parameter was checked
+
 
 def test_tangent_clip_option(tiny_model64):
     m = tiny_model64
@@ -121,24 +144,6 @@ def test_tangent_clip_option(tiny_model64):
     x_t = trigflow.noisy(inp.x0, inp.z, inp.t)
     _, g = tangent(m, params, inp, x_t, trigflow.velocity(inp.x0, inp.z, inp.t), ObjectiveSpec(sigma_d=SD))
     assert torch.allclose(out.mse, g.clamp(-1, 1).square().flatten(1).mean(1))
-
-
-def test_diffusion_loss_closed_form_and_adaptive_weight_gradient(tiny_model64):
-    m = tiny_model64
-    with torch.no_grad():
-        m.net.conv_out.weight.zero_()
-        m.net.conv_out.bias.zero_()  # F == 0 exactly
-        m.w_phi.linear.weight.zero_()
-        m.w_phi.linear.bias.fill_(0.3)  # w_phi(t) == 0.3
-    params = dict(m.named_parameters())
-    inp = _inputs()
-    out = diffusion_loss(m, params, inp, ObjectiveSpec(sigma_d=SD))
-    v = trigflow.velocity(inp.x0, inp.z, inp.t)
-    mse = v.square().flatten(1).mean(1)
-    assert torch.allclose(out.mse, mse)
-    assert torch.allclose(out.loss, (math.exp(0.3) * mse - 0.3).mean())
-    (gb,) = torch.autograd.grad(out.loss, [params["w_phi.linear.bias"]])
-    assert torch.allclose(gb, (math.exp(0.3) * mse - 1).mean().reshape(1))  # d/dw (e^w mse - w)
 
 
 def test_dropout_masks_shared_between_jvp_and_gradient_pass():
@@ -164,20 +169,6 @@ def test_dropout_masks_shared_between_jvp_and_gradient_pass():
 # ----------------------------------------------------------------------------- non-finite samples
 
 
-def _poison(m, sample: int, B: int = 3):
-    """Make the network's output inf on one sample (finite inputs): a tangent that overflows."""
-    inner = m.net.forward
-    bad = torch.zeros(B, 1, 1, 1, dtype=torch.float64)
-    bad[sample] = float("inf")
-    m.net.forward = lambda *a: inner(*a) + bad
-    return inner
-
-
-def _subset(inp: StepInputs, keep: list[int]) -> StepInputs:
-    lab = inp.labels[keep] if inp.labels is not None else None
-    return StepInputs(inp.x0[keep], inp.z[keep], inp.t[keep], lab, inp.dropout_key, inp.r)
-
-
 def test_sct_masks_a_nonfinite_tangent_and_trains_the_rest(tiny_model64):
     """F^- = inf on sample 1: masked (g := 0, weight 0); loss and gradient equal those of samples 0 and 2 alone."""
     m = tiny_model64
@@ -196,25 +187,6 @@ def test_sct_masks_a_nonfinite_tangent_and_trains_the_rest(tiny_model64):
     assert torch.allclose(out.loss, ref.loss, rtol=1e-12)
     assert torch.allclose(out.tangent_norm[[0, 2]], ref.tangent_norm, rtol=1e-12)
     assert torch.allclose(grads, _grads(m, ref.loss), rtol=1e-10, atol=1e-14)
-
-
-def test_diffusion_masks_nonfinite_data(tiny_model64):
-    m = tiny_model64
-    params = dict(m.named_parameters())
-    cfg = ObjectiveSpec(sigma_d=SD)
-    inp = _inputs()
-    inp.z[0, 0, 2, 2] = float("nan")
-    out = diffusion_loss(m, params, inp, cfg)
-    assert out.nonfinite.tolist() == [True, False, False] and out.mse[0] == 0
-    grads = _grads(m, out.loss)
-    ref = diffusion_loss(m, params, _subset(inp, [1, 2]), cfg)
-    assert torch.allclose(out.loss, ref.loss, rtol=1e-12)
-    assert torch.allclose(grads, _grads(m, ref.loss), rtol=1e-10, atol=1e-14)
-    # and a poisoned prediction on finite data: masked too, gradients stay finite
-    _poison(m, 2)
-    out = diffusion_loss(m, params, _inputs(), cfg)
-    assert out.nonfinite.tolist() == [False, False, True]
-    assert torch.isfinite(out.loss) and torch.isfinite(_grads(m, out.loss)).all()
 
 
 def test_objectives_report_no_nonfinite_on_clean_data(tiny_model64):

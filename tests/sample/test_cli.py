@@ -94,7 +94,7 @@ def test_cli_diffusion_solvers(tmp_path: Path, diffusion_ckpt: Path):
 def test_cli_missing_ckpt(tmp_path: Path):
     res = run_cli("scm_graph.sample", "--ckpt", tmp_path / "nope.safetensors", "--out", tmp_path / "g.png",
                   cwd=tmp_path, timeout=120)
-    assert_user_error(res, "nope.safetensors")
+    assert_user_error(res, "nope.safetensors", f"checkpoint {tmp_path / 'nope.safetensors'} not found")
     assert not (tmp_path / "g.png").exists()
 
 
@@ -104,7 +104,8 @@ def test_cli_not_safetensors(tmp_path: Path):
     p.write_bytes(data)
     mtime = p.stat().st_mtime_ns
     res = run_cli("scm_graph.sample", "--ckpt", p, "--out", tmp_path / "g.png", cwd=tmp_path, timeout=120)
-    assert_user_error(res, "junk.safetensors")
+    line = assert_user_error(res, "junk.safetensors", f"checkpoint {p} is not a safetensors file (")
+    assert line.startswith(f"error: checkpoint {p} is not a safetensors file (") and line.endswith(")"), line
     assert p.read_bytes() == data and p.stat().st_mtime_ns == mtime
     assert not (tmp_path / "g.png").exists()
 
@@ -114,7 +115,8 @@ def test_cli_safetensors_without_metadata(tmp_path: Path):
     safetensors.torch.save_file({"a": torch.zeros(1)}, str(p))
     data = p.read_bytes()
     res = run_cli("scm_graph.sample", "--ckpt", p, "--out", tmp_path / "g.png", cwd=tmp_path, timeout=120)
-    assert_user_error(res, "plain.safetensors", "metadata")
+    line = assert_user_error(res, "plain.safetensors", "metadata")
+    assert line == f"error: checkpoint {p} has no scm_graph metadata", line
     assert p.read_bytes() == data and not (tmp_path / "g.png").exists()
 
 
@@ -130,23 +132,33 @@ def _main_error(capsys, *argv: str) -> str:
 def test_cli_label_on_unconditional(tmp_path: Path, sct_ckpt: Path, capsys):
     msg = _main_error(capsys, "--ckpt", str(sct_ckpt), "--label", "3", "--out", str(tmp_path / "g.png"))
     assert "unconditional" in msg and not (tmp_path / "g.png").exists()
+    assert msg == "error: --label given but this model is unconditional"
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--n", "0"], "--n"),
-    (["--times", "2.0"], "--times"),
-    (["--times", "1.0", "0"], "--times"),
-    (["--steps", "0"], "--steps"),
+@pytest.mark.parametrize("args,needle,message", [
+    (["--n", "0"], "--n", "--n must be at least 1"),
+    (["--n", "-4"], "--n", "--n must be at least 1"),
+    (["--times", "2.0"], "--times", "--times must lie in (0, pi/2]"),
+    (["--times", "1.0", "0"], "--times", "--times must lie in (0, pi/2]"),
+    (["--times", "1.0", "-0.5"], "--times", "--times must lie in (0, pi/2]"),
+    (["--steps", "0"], "--steps", "--steps must be at least 1"),
 ])
-def test_cli_bad_values(tmp_path: Path, sct_ckpt: Path, capsys, args, needle):
+def test_cli_bad_values(tmp_path: Path, sct_ckpt: Path, capsys, args, needle, message):
     msg = _main_error(capsys, "--ckpt", str(sct_ckpt), "--out", str(tmp_path / "g.png"), *args)
     assert needle in msg and not (tmp_path / "g.png").exists()
+    assert msg == f"error: {message}"
+
+
+def test_cli_diffusion_steps_zero(tmp_path: Path, diffusion_ckpt: Path, capsys):
+    msg = _main_error(capsys, "--ckpt", str(diffusion_ckpt), "--steps", "0", "--out", str(tmp_path / "g.png"))
+    assert msg == "error: --steps must be at least 1" and not (tmp_path / "g.png").exists()
 
 
 @pytest.mark.parametrize("times", [["0.6", "1.1", "1.5"], ["1.1", "1.1"]])
 def test_cli_times_must_decrease(tmp_path: Path, sct_ckpt: Path, capsys, times):
     msg = _main_error(capsys, "--ckpt", str(sct_ckpt), "--out", str(tmp_path / "g.png"), "--times", *times)
     assert "--times" in msg and not (tmp_path / "g.png").exists()
+    assert msg == "error: --times must strictly decrease"
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +182,32 @@ def test_cli_label_on_conditional(tmp_path: Path, cond_ckpt: Path):
 def test_cli_label_out_of_range(tmp_path: Path, cond_ckpt: Path, capsys, label):
     msg = _main_error(capsys, "--ckpt", str(cond_ckpt), "--label", label, "--out", str(tmp_path / "g.png"))
     assert "--label" in msg
+    assert msg == "error: --label must be in [0, 10)"
 
 
-@pytest.mark.parametrize("args", [["--steps", "x"], []])
-def test_cli_argparse_errors_are_one_line(tmp_path: Path, args):
-    assert_user_error(run_cli("scm_graph.sample", *args, cwd=tmp_path, timeout=120))
+@pytest.mark.parametrize("args,needles", [
+    (["--steps", "x"], ["argument --steps: invalid int value: 'x'"]),
+    ([], ["the following arguments are required: --ckpt"]),
+])
+def test_cli_argparse_errors_are_one_line(tmp_path: Path, args, needles):
+    line = assert_user_error(run_cli("scm_graph.sample", *args, cwd=tmp_path, timeout=120), *needles)
+    assert line == f"error: {needles[0]}"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ckpt", "c.safetensors", "--n", "many"], "argument --n: invalid int value: 'many'"),
+    (["--ckpt", "c.safetensors", "--times"], "argument --times: expected at least one argument"),
+    (["--ckpt", "c.safetensors", "--times", "1.0", "soon"], "argument --times: invalid float value: 'soon'"),
+    (["--ckpt", "c.safetensors", "--label", "cat"], "argument --label: invalid int value: 'cat'"),
+    (["--ckpt", "c.safetensors", "--bogus"], "unrecognized arguments: --bogus"),
+    (["--ckpt", "c.safetensors", "--solver", "rk4"], "argument --solver: invalid choice: 'rk4' (choose from "),
+])
+def test_cli_argparse_errors_say_what_is_wrong(tmp_path: Path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    msg = _main_error(capsys, *args)
+    assert msg.startswith(f"error: {message}"), msg
+    if "choose from" in message:  # the choices, quoted or not depending on the Python version
+        assert "heun" in msg and "euler" in msg
+    else:
+        assert msg == f"error: {message}"
+    assert list(tmp_path.iterdir()) == []

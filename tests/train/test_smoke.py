@@ -15,6 +15,17 @@ from scm_graph.spec import spec_from_json
 from tests.helpers import SPECS, STEP_KEYS, read_metrics, run_cli, step_records, tiny_args
 
 SMOKE = ["digits_sct", "digits_diffusion", "cifar10_sct", "cifar10_diffusion"]
+ATTN_SMOKE = ["digits_sct_attn", "digits_dit"]  # test_smoke_run_attention_nets_bf16
+
+
+def test_every_spec_has_a_smoke_run():
+    """Each file in specs/ is run by a smoke test, and each smoke name is a file: a new spec needs a smoke run,
+    a renamed one fails here (and in test_smoke_run) instead of vanishing."""
+    files = sorted(p.stem for p in SPECS.glob("*.py"))
+    assert files, SPECS
+    assert not set(files) - set(SMOKE) - set(ATTN_SMOKE), f"specs without a smoke run: {sorted(set(files) - set(SMOKE) - set(ATTN_SMOKE))}"
+    assert not (set(SMOKE) | set(ATTN_SMOKE)) - set(files), f"smoke runs without a spec file: {sorted((set(SMOKE) | set(ATTN_SMOKE)) - set(files))}"
+    assert not set(SMOKE) & set(ATTN_SMOKE)
 
 
 @pytest.mark.slow
@@ -36,8 +47,7 @@ def test_smoke_run_bf16(tmp_path: Path, shard_root: Path):
 @pytest.mark.parametrize("name", SMOKE)
 def test_smoke_run(tmp_path: Path, shard_root: Path, name: str):
     path = SPECS / f"{name}.py"
-    if not path.exists():
-        pytest.skip(f"specs/{name}.py does not exist (yet)")
+    assert path.is_file(), f"specs/{name}.py is missing: a smoke-tested spec was renamed or removed"
     digits = name.startswith("digits")
     steps = 3 if digits else 2
     run = tmp_path / "run"
@@ -85,10 +95,11 @@ def test_smoke_run(tmp_path: Path, shard_root: Path, name: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["digits_sct_attn", "digits_dit"])
+@pytest.mark.parametrize("name", ATTN_SMOKE)
 @pytest.mark.parametrize("kind", ["sct", "diffusion"])
 def test_smoke_run_attention_nets_bf16(tmp_path: Path, shard_root: Path, name: str, kind: str):
     """Attention U-Net and DiT specs train end to end under bf16 autocast, for both objectives."""
+    assert (SPECS / f"{name}.py").is_file(), f"specs/{name}.py is missing: a smoke-tested spec was renamed or removed"
     run = tmp_path / "run"
     extra = ("--objective.kind", kind, "--train.precision", "bf16", "--net.unet.head_dim", "4", "--net.dit.depth", "2")
     res = run_cli("scm_graph.train", SPECS / f"{name}.py", *tiny_args(shard_root, run, 32, *extra), cwd=tmp_path)
