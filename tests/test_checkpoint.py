@@ -128,8 +128,10 @@ def test_grad_scaler_state_round_trip(tmp_path: Path) -> None:
     assert fresh.state_dict() == scaler.state_dict()
     save_checkpoint(tmp_path / "plain", _ckpt(model, opt))
     assert load_checkpoint(tmp_path / "plain").scaler is None
-    md = read_metadata(tmp_path / "plain")  # a file written before the key existed
-    del md["grad_scaler"]
+    md = read_metadata(tmp_path / "plain")  # a file written before the key existed: format 2, no checksums
+    for key in ("grad_scaler", "tensor_sha256", "metadata_sha256"):
+        del md[key]
+    md["format"] = "scm_graph.checkpoint/2"
     safetensors.torch.save_file(safetensors.torch.load_file(str(tmp_path / "plain")), str(tmp_path / "old"), metadata=md)
     old = load_checkpoint(tmp_path / "old")
     assert old.scaler is None and old.optim is not None
@@ -203,9 +205,11 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
     files["foreign"] = tmp_path / "foreign.safetensors"
     safetensors.torch.save_file({"w": torch.randn(3)}, str(files["foreign"]), metadata={"format": "pt"})
     files["bad_json"] = tmp_path / "bad_json.safetensors"
-    md = {"format": FORMAT, "spec": "{}", "step": "1", "images": "1", "optim_param_groups": "null",
-          "optim_scalars": "{}", "meta": "{not json"}
+    md = {"format": "scm_graph.checkpoint/2", "spec": "{}", "step": "1", "images": "1", "optim_param_groups": "null",
+          "optim_scalars": "{}", "meta": "{not json"}  # format 2: no checksums, so the bad JSON itself is met
     safetensors.torch.save_file({"net.w": torch.randn(3)}, str(files["bad_json"]), metadata=md)
+    files["no_checksums"] = tmp_path / "no_checksums.safetensors"  # format 3 always carries checksums
+    safetensors.torch.save_file({"net.w": torch.randn(3)}, str(files["no_checksums"]), metadata={**md, "format": FORMAT, "meta": "{}"})
     files["truncated"] = tmp_path / "truncated.safetensors"
     save_checkpoint(files["truncated"], _ckpt(*_trained("adam")))
     data = files["truncated"].read_bytes()
@@ -228,13 +232,17 @@ def test_load_errors_are_user_errors_and_leave_files_alone(tmp_path: Path) -> No
         assert str(path) in msg and "\n" not in msg, (name, msg)
         if name in ("plain", "foreign"):
             assert "has no scm_graph metadata" in msg
+        if name == "bad_json":
+            assert "corrupt metadata 'meta'" in msg
+        if name == "no_checksums":
+            assert msg == f"checkpoint {path} is corrupt: it carries no checksums (every {FORMAT} file does); pass --ignore-checksum to load it anyway"
         assert path.read_bytes() == before, name
 
 
 def test_save_refuses_to_clobber_other_files(tmp_path: Path) -> None:
     ck = _ckpt(*_trained("adam"))
     for name, path in _bad_files(tmp_path).items():
-        if name in ("truncated", "bad_json"):
+        if name in ("truncated", "bad_json", "no_checksums"):
             continue  # those are (damaged) scm_graph checkpoints: replacing them is fine
         before = path.read_bytes()
         with pytest.raises(UserError, match="refusing to overwrite"):
