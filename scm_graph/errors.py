@@ -15,7 +15,7 @@ class UserError(Exception):
 
 
 def cli_main(fn: Callable[..., T]) -> Callable[..., T]:
-    """Wrap a CLI entry point: UserError -> `error: <msg>` on stderr and exit 2."""
+    """Wrap a CLI entry point: UserError -> `error: <msg>` on stderr and exit 2; an OSError -> one line, exit 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -24,6 +24,10 @@ def cli_main(fn: Callable[..., T]) -> Callable[..., T]:
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
+        except OSError as e:  # disk full, a folder made read-only mid-run, ...: one line naming the path
+            where = f" {e.filename}" if e.filename is not None else ""
+            print(f"error: cannot use{where}: {e.strerror or e}", file=sys.stderr)
+            raise SystemExit(1) from None
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise SystemExit(130) from None

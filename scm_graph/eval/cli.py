@@ -25,10 +25,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--raw", action="store_true", help="evaluate the training weights instead of the EMA")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     p.add_argument("--device", default="auto")
+    p.add_argument("--ignore-checksum", action="store_true", help="load a checkpoint whose data does not match its checksum")
     a = p.parse_args(argv)
     if a.n < 2:
-        raise UserError("--n must be at least 2")
-    g = load_generator(a.ckpt, ema=not a.raw, device=a.device)
+        raise UserError(f"--n must be at least 2, not {a.n}")
+    if any(s < 1 for s in a.steps):
+        raise UserError(f"--steps must each be at least 1, not {' '.join(map(str, a.steps))}")
+    g = load_generator(a.ckpt, ema=not a.raw, device=a.device, verify=not a.ignore_checksum)
     rows = evaluate(g, a.steps, a.n, a.solver, a.seed)
     floor = None
     if a.floor:

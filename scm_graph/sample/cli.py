@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from scm_graph.errors import ArgumentParser, UserError, cli_main
+from scm_graph.paths import output_file, write_atomic
 from scm_graph.sample.generate import generate, load_generator, to_uint8
 from scm_graph.sample.grid import save_grid
 
@@ -20,21 +21,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--times", type=float, nargs="+", help="explicit sampling times, decreasing (overrides --steps)")
     p.add_argument("--solver", choices=["heun", "euler"], default="heun", help="PF-ODE solver for diffusion checkpoints")
     p.add_argument("--n", type=int, default=64, help="number of samples")
-    p.add_argument("--out", default="grid.png", help="grid PNG to write")
+    p.add_argument("--out", default="grid.png", help="grid PNG to write (its folder is created; an existing file is replaced)")
     p.add_argument("--npz", help="also write the raw samples (uint8 NCHW under 'samples', model units under 'x') here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", action="store_true", help="use the training weights instead of the EMA")
     p.add_argument("--label", type=int, help="class label for all samples (class-conditional models)")
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--device", default="auto")
+    p.add_argument("--ignore-checksum", action="store_true", help="load a checkpoint whose data does not match its checksum")
     a = p.parse_args(argv)
-    if a.n < 1:
-        raise UserError("--n must be at least 1")
+    for flag, v in (("--n", a.n), ("--batch", a.batch), ("--steps", a.steps)):
+        if v < 1:
+            raise UserError(f"{flag} must be at least 1, not {v}")
     if a.times and any(not 0 < t <= math.pi / 2 for t in a.times):
-        raise UserError("--times must lie in (0, pi/2]")
+        raise UserError(f"--times must lie in (0, pi/2], not {' '.join(map(str, a.times))}")
     if a.times and any(b >= c for c, b in zip(a.times, a.times[1:])):
-        raise UserError("--times must strictly decrease")
-    g = load_generator(a.ckpt, ema=not a.raw, device=a.device)
+        raise UserError(f"--times must strictly decrease, not {' '.join(map(str, a.times))}")
+    out = output_file(a.out, (".png",), "--out")  # before any work: a bad path costs nothing
+    npz = output_file(a.npz, (".npz",), "--npz") if a.npz else None
+    if npz is not None and npz.resolve() == out.resolve():
+        raise UserError("--out and --npz name the same file")
+    g = load_generator(a.ckpt, ema=not a.raw, device=a.device, verify=not a.ignore_checksum)
     labels = None
     if a.label is not None:
         if not g.spec.net.class_conditional:
@@ -44,9 +51,9 @@ def main(argv: list[str] | None = None) -> None:
         labels = torch.full((a.n,), a.label, dtype=torch.int64)
     x = generate(g, a.n, steps=a.steps, times=a.times, solver=a.solver, seed=a.seed, batch=a.batch, labels=labels)
     imgs = to_uint8(x, g.spec)
-    save_grid(imgs, a.out)
-    if a.npz:
-        np.savez(a.npz, samples=imgs.numpy(), x=x.numpy())
+    save_grid(imgs, out)
+    if npz is not None:
+        write_atomic(npz, lambda f: np.savez(f, samples=imgs.numpy(), x=x.numpy()))
     what = f"{len(a.times)} given times" if a.times else f"{a.steps} step(s)"
     kind = "consistency" if g.is_consistency else f"PF-ODE {a.solver}"
     print(f"wrote {a.out} ({a.n} samples, {kind}, {what}{', ' + a.npz if a.npz else ''})")

@@ -34,8 +34,9 @@ class Generator:
         return self.spec.objective.kind != "diffusion"
 
 
-def load_generator(ckpt_path: str | Path, ema: bool = True, device: str = "auto") -> Generator:
-    ckpt = load_checkpoint(ckpt_path)
+def load_generator(ckpt_path: str | Path, ema: bool = True, device: str = "auto", verify: bool = True) -> Generator:
+    """The checkpoint's EMA (or training) weights in a model on `device`; `verify` checks the data's checksums."""
+    ckpt = load_checkpoint(ckpt_path, verify=verify)
     spec = spec_from_json(ckpt.spec_json)
     dev = pick_device(device)
     model = build_model(spec)

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
+from scm_graph.paths import write_atomic
+
 
 def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, min_side: int = 64, pad: int | None = None) -> None:
     """Save uint8 [N, C, H, W] as one PNG grid; tiny images are upscaled (nearest) to `min_side`.
@@ -29,4 +31,5 @@ def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, min_sid
         grid[pad + r * (H + pad) : pad + r * (H + pad) + H, pad + q * (W + pad) : pad + q * (W + pad) + W] = imgs[i]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    image = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    write_atomic(path, lambda f: image.save(f, format="PNG"))

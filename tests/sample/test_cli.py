@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -136,12 +137,13 @@ def test_cli_label_on_unconditional(tmp_path: Path, sct_ckpt: Path, capsys):
 
 
 @pytest.mark.parametrize("args,needle,message", [
-    (["--n", "0"], "--n", "--n must be at least 1"),
-    (["--n", "-4"], "--n", "--n must be at least 1"),
-    (["--times", "2.0"], "--times", "--times must lie in (0, pi/2]"),
-    (["--times", "1.0", "0"], "--times", "--times must lie in (0, pi/2]"),
-    (["--times", "1.0", "-0.5"], "--times", "--times must lie in (0, pi/2]"),
-    (["--steps", "0"], "--steps", "--steps must be at least 1"),
+    (["--n", "0"], "--n", "--n must be at least 1, not 0"),
+    (["--n", "-4"], "--n", "--n must be at least 1, not -4"),
+    (["--batch", "0"], "--batch", "--batch must be at least 1, not 0"),
+    (["--times", "2.0"], "--times", "--times must lie in (0, pi/2], not 2.0"),
+    (["--times", "1.0", "0"], "--times", "--times must lie in (0, pi/2], not 1.0 0.0"),
+    (["--times", "1.0", "-0.5"], "--times", "--times must lie in (0, pi/2], not 1.0 -0.5"),
+    (["--steps", "0"], "--steps", "--steps must be at least 1, not 0"),
 ])
 def test_cli_bad_values(tmp_path: Path, sct_ckpt: Path, capsys, args, needle, message):
     msg = _main_error(capsys, "--ckpt", str(sct_ckpt), "--out", str(tmp_path / "g.png"), *args)
@@ -151,14 +153,67 @@ def test_cli_bad_values(tmp_path: Path, sct_ckpt: Path, capsys, args, needle, me
 
 def test_cli_diffusion_steps_zero(tmp_path: Path, diffusion_ckpt: Path, capsys):
     msg = _main_error(capsys, "--ckpt", str(diffusion_ckpt), "--steps", "0", "--out", str(tmp_path / "g.png"))
-    assert msg == "error: --steps must be at least 1" and not (tmp_path / "g.png").exists()
+    assert msg == "error: --steps must be at least 1, not 0" and not (tmp_path / "g.png").exists()
 
 
 @pytest.mark.parametrize("times", [["0.6", "1.1", "1.5"], ["1.1", "1.1"]])
 def test_cli_times_must_decrease(tmp_path: Path, sct_ckpt: Path, capsys, times):
     msg = _main_error(capsys, "--ckpt", str(sct_ckpt), "--out", str(tmp_path / "g.png"), "--times", *times)
     assert "--times" in msg and not (tmp_path / "g.png").exists()
-    assert msg == "error: --times must strictly decrease"
+    assert msg == f"error: --times must strictly decrease, not {' '.join(str(float(t)) for t in times)}"
+
+
+# ----------------------------------------------------------------------------- output paths, checked before any work
+
+
+@pytest.fixture
+def no_sampling(monkeypatch):
+    """Sampling that fails the test: an output check must come before any work."""
+    def boom(*a, **k):
+        raise AssertionError("sampled before checking the output paths")
+    monkeypatch.setattr(cli, "generate", boom)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--out", "{d}/grid"], "--out {d}/grid: the file name must end in .png"),
+    (["--out", "{d}/grid.jpg"], "--out {d}/grid.jpg: the file name must end in .png"),
+    (["--out", "{d}"], "--out {d}: the file name must end in .png"),
+    (["--out", "{d}/g.png", "--npz", "{d}/x"], "--npz {d}/x: the file name must end in .npz"),
+    (["--out", "{d}/afile/g.png"], "--out {d}/afile: exists and is not a folder"),
+    (["--out", "{d}/g.png", "--npz", "{d}/afile/x.npz"], "--npz {d}/afile: exists and is not a folder"),
+    (["--out", "{d}/ro/g.png"], "--out {d}/ro: the folder is not writable"),
+    (["--out", "{d}/ro/sub/g.png"], "--out: cannot create folder {d}/ro/sub: Permission denied"),
+])
+def test_cli_output_paths_checked_before_work(tmp_path: Path, sct_ckpt: Path, capsys, no_sampling, flags, message):
+    if "/ro" in message and os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o555)
+    try:
+        msg = _main_error(capsys, "--ckpt", str(sct_ckpt), *[f.format(d=tmp_path) for f in flags])
+    finally:
+        (tmp_path / "ro").chmod(0o755)
+    assert msg == "error: " + message.format(d=tmp_path)
+    assert (tmp_path / "afile").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "ro"]
+
+
+def test_cli_creates_output_folders_and_writes_both_files(tmp_path: Path, sct_ckpt: Path):
+    out, npz = tmp_path / "new" / "deeper" / "g.png", tmp_path / "other" / "x.npz"
+    cli.main(["--ckpt", str(sct_ckpt), "--n", "4", "--steps", "1", "--out", str(out), "--npz", str(npz)])
+    with Image.open(out) as im:
+        assert im.format == "PNG"
+    assert _npz(npz)["samples"].shape == (4, 1, 8, 8)
+    assert [p.name for p in out.parent.iterdir()] == ["g.png"] and [p.name for p in npz.parent.iterdir()] == ["x.npz"]
+
+
+def test_cli_replaces_an_existing_grid_whole(tmp_path: Path, sct_ckpt: Path):
+    out = tmp_path / "g.png"
+    out.write_bytes(b"old")
+    cli.main(["--ckpt", str(sct_ckpt), "--n", "4", "--steps", "1", "--out", str(out)])
+    with Image.open(out) as im:
+        assert im.format == "PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.png"]  # no temp file left
 
 
 @pytest.fixture(scope="module")
