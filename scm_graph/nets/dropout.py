@@ -25,7 +25,8 @@ def _mix32(h: Tensor) -> Tensor:
 
 
 def keyed_uniform(shape: torch.Size, key: Tensor, salt: int, device: torch.device) -> Tensor:
-    """Counter-based uniforms in [0, 1): a pure function of (key, salt, element index).
+    """Counter-based uniforms in [0, 1): a pure function of (key, salt, element index); all 64 bits of the
+    key count (the high 32 hold the run seed, so two seeds never share a step's mask by construction).
 
     Unlike torch's RNG this gives the same numbers eagerly and inside torch.compile, and the same
     numbers for the JVP pass (theta^-) and the gradient pass (theta) of one train step.
@@ -34,7 +35,9 @@ def keyed_uniform(shape: torch.Size, key: Tensor, salt: int, device: torch.devic
     for s in shape:
         n *= s
     idx = torch.arange(n, device=device, dtype=torch.int64).reshape(shape)
-    seed = _mix32((key.to(device=device, dtype=torch.int64) * 0x9E3779B1 + salt) & _M32)
+    key = key.to(device=device, dtype=torch.int64)
+    lo, hi = key & _M32, key >> 32  # the train loop's keys: (run seed << 32) + step
+    seed = _mix32((lo * 0x9E3779B1 + salt) & _M32) ^ _mix32((hi * 0x85EBCA77) & _M32)  # hi = 0: as before
     h = _mix32((idx ^ seed) & _M32)
     h = _mix32((h + seed * 0x27D4EB2F) & _M32)
     return h.to(torch.float32) * (1.0 / 4294967296.0)

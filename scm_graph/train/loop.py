@@ -57,7 +57,7 @@ def draw_inputs(b: Batch, gen: torch.Generator, spec: Spec, step: int, images: i
     tau = torch.randn(x0.shape[0], generator=gen, device=device) * o.P_std + o.P_mean
     t = trigflow.sample_t(tau, o.sigma_d)  # t = arctan(e^tau / sigma_d)
     labels = b.label.to(device) if (b.label is not None and spec.net.class_conditional) else None
-    key = torch.tensor(spec.train.seed * 1_000_003 + step, dtype=torch.int64, device=device)
+    key = torch.tensor((spec.train.seed << 32) + step, dtype=torch.int64, device=device)  # seed < 2^31: no overflow
     r = 1.0 if o.warmup_images <= 0 else min(1.0, images / o.warmup_images)  # tangent warmup ratio
     return StepInputs(x0, z, t, labels, key, torch.tensor(r, dtype=torch.float32, device=device))
 

@@ -29,3 +29,25 @@ def test_keyed_dropout_keep_rate_and_unbiased_scale():
     assert torch.allclose(y[y > 0], torch.full_like(y[y > 0], 1 / 0.8))
     assert abs(y.mean().item() - 1.0) < 5e-3  # E[dropout(x)] = x
     assert torch.equal(d.eval()(x, torch.tensor(5)), x)
+
+
+def test_keyed_uniform_uses_all_64_key_bits():
+    """The high half (the run seed) changes the mask; keys below 2^32 give the numbers they always gave."""
+    shape, cpu = torch.Size([4096]), torch.device("cpu")
+    base = keyed_uniform(shape, torch.tensor(3), 1, cpu)
+    for hi in (1, 2, 2**31 - 1):
+        other = keyed_uniform(shape, torch.tensor((hi << 32) + 3), 1, cpu)
+        assert (base == other).float().mean() < 1e-2
+    # the value for a small key, written by the formula before the high half counted (murmur3 fmix32 chain)
+    def fmix(h: int) -> int:
+        h ^= h >> 16
+        h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+        h ^= h >> 13
+        h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+        return h ^ (h >> 16)
+
+    seed = fmix((3 * 0x9E3779B1 + 1) & 0xFFFFFFFF)
+    for i in (0, 1, 4095):
+        h = fmix((i ^ seed) & 0xFFFFFFFF)
+        h = fmix((h + seed * 0x27D4EB2F) & 0xFFFFFFFF)
+        assert base[i].item() == (torch.tensor(float(h), dtype=torch.float32) * (1.0 / 4294967296.0)).item()  # float32, as the op

@@ -97,11 +97,11 @@ def test_warmup_ratio(images: int, warmup: int, want: float):
 
 def test_dropout_keys_per_step_and_seed():
     keys = {}
-    for seed in (0, 1, 5):
-        for step in (0, 1, 2, 999):
+    for seed in (0, 1, 5, 2**31 - 1):
+        for step in (0, 1, 2, 999, 1_000_003):
             inp = _draw(_spec(seed=seed), step=step)
             assert inp.dropout_key.dtype == torch.int64 and inp.dropout_key.shape == ()
-            assert inp.dropout_key.item() == seed * 1_000_003 + step
+            assert inp.dropout_key.item() == (seed << 32) + step
             keys[(seed, step)] = inp.dropout_key.item()
     assert len(set(keys.values())) == len(keys)  # every (seed, step) its own key
 
