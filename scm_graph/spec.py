@@ -11,39 +11,45 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import tyro
 
+from scm_graph.checks import Check, field_problems
 from scm_graph.errors import UserError
+
+# Valid values, written next to each field below and checked by `validate` (see scm_graph.checks).
+POSITIVE = Check(gt=0)
+NON_NEGATIVE = Check(ge=0)
+AT_LEAST_1 = Check(ge=1)
+PLAIN_NAME = Check(pattern=r"(?!\.)[^/\\\x00]+", means="a plain folder name (no slash, not starting with a dot)")
 
 
 @dataclass(frozen=True)
 class DataSpec:
-    name: str = "digits"
+    name: Annotated[str, PLAIN_NAME] = "digits"
     """Shard set to read: `<root>/<name>/` (written by `python -m scm_graph.shard`)."""
-    root: str = "shards"
+    root: Annotated[str, Check(pattern=r".+", means="a folder")] = "shards"
     """Folder that holds the shard sets."""
     normalize: Literal["pixel", "channel"] = "pixel"
     """'pixel': uint8 -> [-1, 1]. 'channel': (x - mean) / std * sigma_d with the manifest's per-channel stats."""
-    shuffle_buffer: int = 2000
+    shuffle_buffer: Annotated[int, NON_NEGATIVE] = 2000
     """Samples in the shuffle buffer."""
-    workers: int = 0
+    workers: Annotated[int, NON_NEGATIVE] = 0
     """DataLoader worker processes (0 reads in the training process)."""
-    segment_images: int = 1 << 20
+    segment_images: Annotated[int, AT_LEAST_1] = 1 << 20
     """The stream is reseeded every this many images, which bounds the fast-forward on --resume."""
-    resolution: int = 0
+    resolution: Annotated[int, NON_NEGATIVE] = 0
     """Image side; 0 = take it from the manifest (the resolved spec always holds the real value)."""
-    channels: int = 0
+    channels: Literal[0, 1, 3] = 0
     """Image channels; 0 = take them from the manifest."""
-    num_classes: int = 0
+    num_classes: Annotated[int, NON_NEGATIVE] = 0
     """Classes in the labels; 0 = from the manifest (0 there too means unlabelled)."""
     mean: tuple[float, ...] = ()
     """Per-channel mean in stored units; empty = from the manifest."""
-    std: tuple[float, ...] = ()
+    std: Annotated[tuple[float, ...], POSITIVE] = ()
     """Per-channel std in stored units; empty = from the manifest."""
 
 
@@ -51,19 +57,19 @@ class DataSpec:
 class UNetSpec:
     """The DDPM++-style U-Net (`scm_graph.nets.unet`); read only when `net.arch` is 'unet'."""
 
-    channels: int = 128
+    channels: Annotated[int, AT_LEAST_1] = 128
     """Base channel count (DDPM++ CIFAR-10: 128)."""
-    channel_mult: tuple[int, ...] = (2, 2, 2)
+    channel_mult: Annotated[tuple[int, ...], Check(ge=1, nonempty=True)] = (2, 2, 2)
     """Channel multiplier per resolution level (DDPM++ CIFAR-10: 2 2 2)."""
-    num_blocks: int = 4
+    num_blocks: Annotated[int, AT_LEAST_1] = 4
     """Residual blocks per resolution level (DDPM++ CIFAR-10: 4)."""
-    attn_resolutions: tuple[int, ...] = ()
+    attn_resolutions: Annotated[tuple[int, ...], AT_LEAST_1] = ()
     """Resolutions with self-attention after each residual block (DDPM++ CIFAR-10: 16; EDM2: 16 8); non-empty also puts one in the middle."""
-    head_dim: int = 64
+    head_dim: Annotated[int, AT_LEAST_1] = 64
     """Attention head width: heads = channels at that level // head_dim."""
-    norm_groups: int = 32
+    norm_groups: Annotated[int, AT_LEAST_1] = 32
     """Group-norm groups (capped at channels // 4)."""
-    emb_mult: int = 4
+    emb_mult: Annotated[int, AT_LEAST_1] = 4
     """Time-embedding width as a multiple of `channels`."""
 
 
@@ -71,17 +77,17 @@ class UNetSpec:
 class DiTSpec:
     """The DiT transformer on patches (`scm_graph.nets.dit`); read only when `net.arch` is 'dit'."""
 
-    width: int = 384
+    width: Annotated[int, AT_LEAST_1] = 384
     """Token width (DiT-S: 384)."""
-    depth: int = 12
+    depth: Annotated[int, AT_LEAST_1] = 12
     """Transformer blocks (DiT-S: 12)."""
-    patch_size: int = 2
+    patch_size: Annotated[int, AT_LEAST_1] = 2
     """Patch side; the image resolution must be divisible by it."""
-    head_dim: int = 64
+    head_dim: Annotated[int, AT_LEAST_1] = 64
     """Attention head width: heads = width // head_dim."""
-    mlp_ratio: float = 4.0
+    mlp_ratio: Annotated[float, POSITIVE] = 4.0
     """MLP hidden width as a multiple of `width`."""
-    emb_mult: int = 1
+    emb_mult: Annotated[int, AT_LEAST_1] = 1
     """Time-embedding width as a multiple of `width`."""
 
 
@@ -89,7 +95,7 @@ class DiTSpec:
 class NetSpec:
     arch: Literal["unet", "dit"] = "unet"
     """Backbone: 'unet' (settings in net.unet) or 'dit' (settings in net.dit); both with positional time embedding and adaptive double normalisation."""
-    dropout: float = 0.0
+    dropout: Annotated[float, Check(ge=0, lt=1)] = 0.0
     """Dropout probability inside residual blocks (U-Net) or MLPs (DiT)."""
     class_conditional: bool = False
     """Condition on the class label (needs labelled shards)."""
@@ -117,17 +123,17 @@ LEGACY_NET_FIELDS: dict[str, tuple[str, ...]] = {
 class ObjectiveSpec:
     kind: Literal["sct", "diffusion"] = "sct"
     """'sct': continuous-time consistency training (Algorithm 1); 'diffusion': TrigFlow diffusion (Eq. 4)."""
-    sigma_d: float = 0.5
+    sigma_d: Annotated[float, POSITIVE] = 0.5
     """Data standard deviation sigma_d."""
     P_mean: float = -1.0
     """Mean of the log-normal time proposal, tau ~ N(P_mean, P_std^2)."""
-    P_std: float = 1.4
+    P_std: Annotated[float, POSITIVE] = 1.4
     """Std of the log-normal time proposal."""
-    tangent_c: float = 0.1
+    tangent_c: Annotated[float, NON_NEGATIVE] = 0.1
     """Tangent normalisation constant c in g / (||g|| + c)."""
     tangent_clip: bool = False
     """Clip the tangent to [-1, 1] instead of normalising it."""
-    warmup_images: int = 5_120_000
+    warmup_images: Annotated[int, NON_NEGATIVE] = 5_120_000
     """Tangent warmup: r grows linearly 0 -> 1 over this many images (paper: 10k iterations x 512)."""
     adaptive_weighting: bool = True
     """Learn w_phi(t) jointly (Eq. 8); off = unit weighting."""
@@ -137,31 +143,31 @@ class ObjectiveSpec:
 class OptimSpec:
     kind: Literal["adam", "radam"] = "radam"
     """Optimiser."""
-    lr: float = 1e-4
-    """Learning rate (constant)."""
-    betas: tuple[float, float] = (0.9, 0.99)
+    lr: Annotated[float, NON_NEGATIVE] = 1e-4
+    """Learning rate (constant; 0 leaves the weights as they are, e.g. to test an init)."""
+    betas: Annotated[tuple[float, float], Check(ge=0, lt=1)] = (0.9, 0.99)
     """Adam betas."""
-    eps: float = 1e-8
+    eps: Annotated[float, POSITIVE] = 1e-8
     """Adam epsilon."""
-    grad_clip: float = 0.0
+    grad_clip: Annotated[float, NON_NEGATIVE] = 0.0
     """Clip the global gradient norm to this value; 0 = off."""
 
 
 @dataclass(frozen=True)
 class TrainSpec:
-    batch: int = 512
+    batch: Annotated[int, AT_LEAST_1] = 512
     """Images per step."""
-    total_images: int = 200_000_000
+    total_images: Annotated[int, AT_LEAST_1] = 200_000_000
     """Training length in images."""
-    ema_halflife_images: float = 500_000.0
-    """EMA half-life in images (paper CIFAR-10: 0.5 Mimg)."""
-    ema_rampup: float = 0.0
+    ema_halflife_images: Annotated[float, NON_NEGATIVE] = 500_000.0
+    """EMA half-life in images (paper CIFAR-10: 0.5 Mimg); 0 = no averaging (the EMA equals the weights)."""
+    ema_rampup: Annotated[float, NON_NEGATIVE] = 0.0
     """If > 0, the half-life is at most this fraction of the images seen so far (EDM's ramp-up)."""
-    seed: int = 0
+    seed: Annotated[int, Check(ge=0, lt=2**31)] = 0
     """Seed for weights, noise, dropout and the data stream."""
     compile: Annotated[bool, tyro.conf.arg(aliases=("--compile",))] = True
     """Compile the train step with torch.compile (False runs the same code eagerly). Alias: --compile."""
-    device: str = "auto"
+    device: Annotated[str, Check(pattern=r"auto|cpu|mps|cuda(:[0-9]+)?", means="auto, cpu, mps, cuda or cuda:N")] = "auto"
     """'auto' (cuda if present), 'cpu' or 'cuda[:i]'."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Autocast dtype of the train step; fp16 uses a dynamic loss scaler. Weights and optimiser state stay fp32."""
@@ -169,23 +175,29 @@ class TrainSpec:
     """Initialise the network (and w_phi) from this checkpoint's EMA weights, e.g. a diffusion teacher."""
     out: str = ""
     """Run folder; empty = runs/<name>."""
-    log_every_images: int = 51_200
-    """Images between JSONL metric lines."""
-    sample_every_images: int = 5_120_000
-    """Images between sample grids."""
-    ckpt_every_images: int = 5_120_000
+    log_every_images: Annotated[int, NON_NEGATIVE] = 51_200
+    """Images between JSONL metric lines (0 = only at the end)."""
+    sample_every_images: Annotated[int, NON_NEGATIVE] = 5_120_000
+    """Images between sample grids (one is always made at the end)."""
+    ckpt_every_images: Annotated[int, NON_NEGATIVE] = 5_120_000
     """Images between checkpoints (one is always written at the end)."""
-    eval_every_images: int = 0
+    eval_every_images: Annotated[int, NON_NEGATIVE] = 0
     """Images between FD evaluations of 1- and 2-step samples (digits only); 0 = only at the end."""
-    eval_samples: int = 1797
+    eval_samples: Annotated[int, Check(ge=2)] = 1797
     """Samples per FD evaluation."""
-    time_limit_s: float = 0.0
+    time_limit_s: Annotated[float, NON_NEGATIVE] = 0.0
     """Stop (and checkpoint) after this many seconds of training; 0 = no limit."""
+    keep_last: Annotated[int, AT_LEAST_1] = 1
+    """Checkpoints kept on disk: ckpt.safetensors is always the newest; with K > 1 the K newest are also kept as checkpoints/ckpt-<images>.safetensors (older ones are deleted)."""
+    progress: Literal["auto", "bar", "lines", "off"] = "auto"
+    """'bar': a live progress bar; 'lines': a plain line every progress_every_s (logs, nohup, CI); 'auto': bar on a terminal, lines otherwise."""
+    progress_every_s: Annotated[float, POSITIVE] = 30.0
+    """Seconds between plain progress lines."""
 
 
 @dataclass(frozen=True)
 class Spec:
-    name: str = "run"
+    name: Annotated[str, PLAIN_NAME] = "run"
     """Experiment name (the default run folder is runs/<name>)."""
     data: DataSpec = field(default_factory=DataSpec)
     net: NetSpec = field(default_factory=NetSpec)
@@ -239,11 +251,14 @@ def spec_from_json(text: str) -> Spec:
 
 
 def validate(spec: Spec) -> None:
-    """Cheap checks of single values with one-line messages (network shapes are checked where networks are built)."""
-    t = spec.train
-    if t.batch <= 0 or t.total_images <= 0:
-        raise UserError("train.batch and train.total_images must be positive")
-    if not 0.0 <= spec.net.dropout < 1.0:
-        raise UserError("net.dropout must be in [0, 1)")
-    if spec.objective.sigma_d <= 0 or not math.isfinite(spec.objective.sigma_d):
-        raise UserError("objective.sigma_d must be positive")
+    """Every field against the valid values written next to it, then the few rules that join fields;
+    the first problem is a one-line UserError (network shapes are checked where networks are built)."""
+    problems = field_problems(spec)
+    d = spec.data
+    for stat in ("mean", "std"):
+        n = len(getattr(d, stat))
+        if n and d.channels and n != d.channels:
+            problems.append(f"data.{stat} needs one value per channel ({d.channels}), not {n}")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(problems[0] + more)

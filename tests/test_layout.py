@@ -2,7 +2,7 @@
 nothing in the repository points at a file outside it.
 
 The flow, bottom to top (a module may import its own rank or lower, never higher):
-    utilities (errors, device, precision) -> ops -> spec -> specfile, trigflow -> data -> shard (the data CLI)
+    utilities (errors, checks, paths, progress, device, precision) -> ops -> spec -> specfile, trigflow -> data -> shard (the data CLI)
     -> nets -> model -> objectives -> train.step, train.ema -> checkpoint -> sample -> eval
     -> the runners that compose everything: train.loop, train.cli, bench.
 Imports inside functions count too.
@@ -22,7 +22,8 @@ from tests.helpers import REPO
 PKG = REPO / "scm_graph"
 
 RANKS = {  # longest matching prefix wins
-    "scm_graph": 0, "scm_graph.errors": 0, "scm_graph.device": 0, "scm_graph.precision": 0,
+    "scm_graph": 0, "scm_graph.errors": 0, "scm_graph.device": 0, "scm_graph.precision": 0, "scm_graph.checks": 0,
+    "scm_graph.paths": 0, "scm_graph.progress": 0,
     "scm_graph.ops": 1,
     "scm_graph.spec": 2,
     "scm_graph.specfile": 3, "scm_graph.trigflow": 3,
@@ -35,7 +36,7 @@ RANKS = {  # longest matching prefix wins
     "scm_graph.checkpoint": 10,
     "scm_graph.sample": 11,
     "scm_graph.eval": 12,
-    "scm_graph.train.loop": 13, "scm_graph.train.cli": 13, "scm_graph.train.__main__": 13, "scm_graph.bench": 13,
+    "scm_graph.train.loop": 13, "scm_graph.train.rundir": 13, "scm_graph.train.cli": 13, "scm_graph.train.__main__": 13, "scm_graph.bench": 13,
 }
 
 # Beyond the ranks: what the issue's contract names explicitly.
@@ -108,7 +109,8 @@ def test_no_import_circle():
             visit(m, [m])
 
 
-@pytest.mark.parametrize("module", ["scm_graph.data.manifest", "scm_graph.data.writer", "scm_graph.shard", "scm_graph.spec"])
+@pytest.mark.parametrize("module", ["scm_graph.data.manifest", "scm_graph.data.writer", "scm_graph.shard", "scm_graph.spec",
+                                    "scm_graph.checks", "scm_graph.paths"])
 def test_torch_free_modules(module: str):
     """The manifest, the shard writer and its CLI, and the spec load without torch (a quick shard CLI, no GPU stack)."""
     code = f"import sys, {module}; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]"

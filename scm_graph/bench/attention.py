@@ -22,6 +22,7 @@ from scm_graph.bench.common import append_table, device_name, synchronize
 from scm_graph.device import pick_device
 from scm_graph.errors import ArgumentParser, UserError, cli_main
 from scm_graph.ops import jvp_attention
+from scm_graph.paths import output_file
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -48,7 +49,9 @@ def _methods() -> dict:
         "math": lambda q, k, v, dq, dk, dv: jvp(math_attention, (q, k, v), (dq, dk, dv)),
     }
     try:
-        from jvp_flash_attention.jvp_attention import attention as jfa  # optional third-party baseline
+        from jvp_flash_attention.jvp_attention import (
+            attention as jfa,  # optional third-party baseline
+        )
     except ImportError:
         return out
     out["jfa"] = lambda q, k, v, dq, dk, dv: jvp(jfa, (q, k, v), (dq, dk, dv))
@@ -144,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     ns = a.n or ([256, 1024, 4096, 16384] if dev.type == "cuda" else [256, 1024])
     if a.bh % a.heads or any(n <= 0 for n in ns) or a.reps <= 0:
         raise UserError("--bh must be a multiple of --heads; --n and --reps must be positive")
+    if a.out:
+        output_file(a.out, (".md",), "--out")  # before the measurements
     rows = run(ns, a.head_dim, a.bh, a.heads, DTYPES[a.dtype], dev, a.reps, a.warmup, a.max_math_n)
     md = to_markdown(rows, device_name(dev), a.dtype, a.bh, a.heads)
     print(md)

@@ -19,8 +19,9 @@ from scm_graph.device import pick_device
 from scm_graph.errors import ArgumentParser, UserError, cli_main
 from scm_graph.model import build_model, num_params
 from scm_graph.objectives import StepInputs
+from scm_graph.paths import output_file
 from scm_graph.precision import AMP_DTYPES
-from scm_graph.spec import Spec
+from scm_graph.spec import Spec, validate
 from scm_graph.specfile import read_spec_file
 from scm_graph.train.step import TrainStep
 
@@ -137,7 +138,9 @@ def _bench_spec(path: str) -> Spec:
             raise UserError(f"--spec {path}: set data.resolution and data.channels to benchmark without shards")
         c, r, k = shapes[d.name]
         d = dataclasses.replace(d, channels=c, resolution=r, num_classes=k)
-    return dataclasses.replace(spec, data=d)
+    spec = dataclasses.replace(spec, data=d)
+    validate(spec)
+    return spec
 
 
 @cli_main
@@ -154,6 +157,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="append the markdown table to this file (e.g. docs/bench_step.md)")
     a = p.parse_args(argv)
+    for flag, v, least in (("--batch", a.batch, 0), ("--steps", a.steps, 1), ("--warmup", a.warmup, 0), ("--rounds", a.rounds, 1)):
+        if v < least:
+            raise UserError(f"{flag} must be at least {least}, not {v}")
+    if a.out:
+        output_file(a.out, (".md",), "--out")  # before the measurements
     spec = _bench_spec(a.spec)
     batch = a.batch or spec.train.batch
     dev = pick_device(a.device)
