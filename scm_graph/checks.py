@@ -78,7 +78,8 @@ def _type_problem(v: Any, tp: Any) -> str | None:
         return None if isinstance(v, str) else "must be a string"
     if origin is Literal:
         choices = typing.get_args(tp)
-        return None if v in choices and type(v) is type(choices[0]) else f"must be one of {', '.join(map(str, choices))}"
+        ok = any(type(v) is type(c) and v == c for c in choices)  # the type first: no array truth values
+        return None if ok else f"must be one of {', '.join(map(str, choices))}"
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(v, tuple):
@@ -91,7 +92,7 @@ def _type_problem(v: Any, tp: Any) -> str | None:
             elems = list(args)
         for x, t in zip(v, elems):
             if _type_problem(x, t):
-                return f"must hold {t.__name__} values"
+                return "must hold finite numbers" if t is float else f"must hold {getattr(t, '__name__', t)} values"
         return None
     if origin in (typing.Union, types.UnionType):
         return None if any(v is None if t is type(None) else _type_problem(v, t) is None for t in typing.get_args(tp)) else f"has the wrong type {type(v).__name__}"
@@ -139,4 +140,5 @@ def _show(v: Any) -> str:
     """A value as the user typed it: 1.5, (1.5, 0.99), 'x'."""
     if isinstance(v, tuple):
         return "(" + ", ".join(_show(x) for x in v) + ("," if len(v) == 1 else "") + ")"
-    return repr(v)
+    text = " ".join(repr(v).split())  # one line, whatever the value's repr (a numpy array spans several)
+    return text if len(text) <= 80 else text[:77] + "..."

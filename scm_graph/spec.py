@@ -24,7 +24,7 @@ from scm_graph.errors import UserError
 POSITIVE = Check(gt=0)
 NON_NEGATIVE = Check(ge=0)
 AT_LEAST_1 = Check(ge=1)
-PLAIN_NAME = Check(pattern=r"(?!\.)[^/\\\x00]+", means="a plain folder name (no slash, not starting with a dot)")
+PLAIN_NAME = Check(pattern=r"(?!\.)[^/\\\x00-\x1f]+", means="a plain folder name (no slash or control character, not starting with a dot)")
 
 
 @dataclass(frozen=True)
@@ -256,9 +256,11 @@ def validate(spec: Spec) -> None:
     problems = field_problems(spec)
     d = spec.data
     for stat in ("mean", "std"):
-        n = len(getattr(d, stat))
-        if n and d.channels and n != d.channels:
-            problems.append(f"data.{stat} needs one value per channel ({d.channels}), not {n}")
+        values = getattr(d, stat, ())
+        if problems or not isinstance(values, tuple):  # a rule joining fields needs each of them valid first
+            break
+        if values and d.channels and len(values) != d.channels:
+            problems.append(f"data.{stat} needs one value per channel ({d.channels}), not {len(values)}")
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise UserError(problems[0] + more)

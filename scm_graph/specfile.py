@@ -56,6 +56,7 @@ def apply_overrides(spec: Spec, args: list[str], prog: str = "scm_graph.train") 
     _refuse_legacy_flags(args)
     bool_flags = _bool_flags(Spec)
     args = [_BOOL_WORDS.get(a.lower(), a) if i and args[i - 1] in bool_flags else a for i, a in enumerate(args)]
+    args = [_bool_word_after_equals(a, bool_flags) for a in args]
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
@@ -70,6 +71,12 @@ def apply_overrides(spec: Spec, args: list[str], prog: str = "scm_graph.train") 
         if e.code in (0, None):
             raise
         raise UserError(_first_tyro_line(err.getvalue()) or f"bad arguments: {' '.join(args)}") from None
+
+
+def _bool_word_after_equals(arg: str, bool_flags: set[str]) -> str:
+    """`--train.compile=false` -> `--train.compile=False` (tyro spells bools True / False)."""
+    flag, eq, word = arg.partition("=")
+    return f"{flag}={_BOOL_WORDS.get(word.lower(), word)}" if eq and flag in bool_flags else arg
 
 
 def _bool_flags(cls: type, prefix: str = "") -> set[str]:

@@ -1,16 +1,30 @@
-"""The spec dataclasses: spec files' content, the JSON round trip (and the 0.1 layout), value checks."""
+"""The spec dataclasses: spec files' content, the JSON round trip (and the 0.1 layout), value checks (each
+bad value through the CLI path, exact messages), and every field declaring its valid values."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from pathlib import Path
+from typing import Annotated, Literal
 
 import pytest
 
-from scm_graph.spec import DiTSpec, NetSpec, Spec, UNetSpec, spec_from_json, spec_to_json, validate
+import scm_graph.spec as specmod
+from scm_graph.checks import Check
+from scm_graph.errors import UserError
+from scm_graph.spec import (
+    DiTSpec,
+    NetSpec,
+    Spec,
+    UNetSpec,
+    spec_from_json,
+    spec_to_json,
+    validate,
+)
 from scm_graph.specfile import apply_overrides, read_spec_file
-from tests.helpers import SPECS, one_line_error
+from tests.helpers import SPECS, assert_user_error, one_line_error, run_cli
 
 SPEC_FILES = sorted(SPECS.glob("*.py"))
 
@@ -77,3 +91,197 @@ def test_json_of_version_0_1_flat_net_section_maps_to_the_nested_one():
 def test_validate_rejects(sct: Spec, args, needle):
     """Single-value checks; network shapes are checked by scm_graph.model.check_net (tests/test_model.py)."""
     assert needle in one_line_error(validate, apply_overrides(sct, args))
+
+
+# ----------------------------------------------------------------------------- each bad value, through the CLI path
+
+
+@pytest.mark.parametrize("args,want", [
+    (["--optim.lr", "nan"], "optim.lr must be a finite number, not nan"),
+    (["--optim.lr", "inf"], "optim.lr must be a finite number, not inf"),
+    (["--optim.lr", "-1"], "optim.lr must be >= 0, not -1.0"),
+    (["--optim.betas", "1.5", "0.99"], "optim.betas must each be in [0, 1), not (1.5, 0.99)"),
+    (["--optim.betas", "0.9", "1"], "optim.betas must each be in [0, 1), not (0.9, 1.0)"),
+    (["--optim.betas", "-0.1", "0.9"], "optim.betas must each be in [0, 1), not (-0.1, 0.9)"),
+    (["--optim.eps", "-1"], "optim.eps must be > 0, not -1.0"),
+    (["--optim.eps", "0"], "optim.eps must be > 0, not 0.0"),
+    (["--train.ema_halflife_images", "-1"], "train.ema_halflife_images must be >= 0, not -1.0"),
+    (["--objective.P_std", "0"], "objective.P_std must be > 0, not 0.0"),
+    (["--objective.P_mean", "nan"], "objective.P_mean must be a finite number, not nan"),
+    (["--optim.grad_clip", "-1"], "optim.grad_clip must be >= 0, not -1.0"),
+    (["--train.eval_samples", "1"], "train.eval_samples must be >= 2, not 1"),
+    (["--train.seed", "-1"], "train.seed must be in [0, 2147483648), not -1"),
+    (["--train.seed", "2147483648"], "train.seed must be in [0, 2147483648), not 2147483648"),
+    (["--train.device", "gpu"], "train.device must be auto, cpu, mps, cuda or cuda:N, not 'gpu'"),
+    (["--train.device", "cuda:"], "train.device must be auto, cpu, mps, cuda or cuda:N, not 'cuda:'"),
+    (["--name", "a/b"], "name must be a plain folder name (no slash or control character, not starting with a dot), not 'a/b'"),
+    (["--name", ".hidden"], "name must be a plain folder name (no slash or control character, not starting with a dot), not '.hidden'"),
+    (["--name", ""], "name must be a plain folder name (no slash or control character, not starting with a dot), not ''"),
+    (["--data.name", "../digits"], "data.name must be a plain folder name (no slash or control character, not starting with a dot), not '../digits'"),
+    (["--net.unet.channel_mult"], "net.unet.channel_mult must not be empty, not ()"),
+    (["--net.unet.channel_mult", "1", "0"], "net.unet.channel_mult must each be >= 1, not (1, 0)"),
+    (["--train.keep_last", "0"], "train.keep_last must be >= 1, not 0"),
+    (["--train.progress_every_s", "0"], "train.progress_every_s must be > 0, not 0.0"),
+    (["--data.std", "0"], "data.std must each be > 0, not (0.0,)"),
+    (["--optim.lr", "-1", "--optim.eps", "0"], "optim.lr must be >= 0, not -1.0 (and 1 more)"),
+])
+def test_each_bad_value_is_one_exact_line(sct: Spec, args: list[str], want: str):
+    assert one_line_error(validate, apply_overrides(sct, args)) == want
+
+
+@pytest.mark.parametrize("args", [
+    ["--optim.lr", "0"], ["--optim.betas", "0", "0.999"], ["--optim.eps", "1e-30"], ["--optim.grad_clip", "0"],
+    ["--train.ema_halflife_images", "0"], ["--objective.P_mean", "-5"], ["--train.eval_samples", "2"],
+    ["--train.seed", "2147483647"], ["--train.device", "cuda:1"], ["--train.device", "mps"], ["--name", "a.b"],
+    ["--net.unet.attn_resolutions"], ["--data.mean"], ["--data.std"], ["--train.keep_last", "1"],
+    ["--train.progress_every_s", "0.001"], ["--net.dropout", "0"], ["--data.channels", "3"],
+])
+def test_edge_values_that_are_valid(sct: Spec, args: list[str]):
+    validate(apply_overrides(sct, args))
+
+
+def test_bool_word_in_the_equals_form(sct: Spec):
+    assert apply_overrides(sct, ["--train.compile=false"]).train.compile is False
+    assert apply_overrides(sct, ["--train.compile=No"]).train.compile is False
+    assert apply_overrides(sct, ["--train.compile=on"]).train.compile is True
+
+
+def test_a_channel_count_outside_the_choices(sct: Spec):
+    """A Literal field: tyro refuses it while parsing, naming the flag and the choices."""
+    msg = one_line_error(apply_overrides, sct, ["--data.channels", "2"])
+    assert "--data.channels" in msg and "'2'" in msg and "'0', '1', '3'" in msg, msg
+
+
+def _write_spec(tmp_path: Path, name: str, body: str) -> Path:
+    p = tmp_path / f"{name}.py"
+    p.write_text("from scm_graph.spec import DataSpec, OptimSpec, Spec, TrainSpec\n"
+                 f"SPEC = Spec(name={name!r}, {body})\n")
+    return p
+
+
+@pytest.mark.parametrize("body,want", [
+    ('optim=OptimSpec(lr="1e-3")', "optim.lr must be a number, not '1e-3'"),
+    ("train=TrainSpec(batch=12.0)", "train.batch must be an integer, not 12.0"),
+    ("optim=OptimSpec(betas=[0.9, 0.99])", "optim.betas must be a tuple, not [0.9, 0.99]"),
+    ("train=TrainSpec(compile=1)", "train.compile must be true or false, not 1"),
+    ("optim=OptimSpec(lr=10**400)", "optim.lr must be a finite number, not " + str(10**400)[:77] + "..."),
+])
+@pytest.mark.filterwarnings("ignore:The field .* but the default value:UserWarning")  # tyro notices it too
+def test_wrong_types_from_a_spec_file(tmp_path: Path, body: str, want: str):
+    """A spec file is Python: any value can arrive; the type is checked after the overrides are applied."""
+    spec = apply_overrides(read_spec_file(_write_spec(tmp_path, "wrong", body)), [])
+    assert one_line_error(validate, spec) == want
+
+
+@pytest.mark.parametrize("body,want", [
+    ("data=DataSpec(mean=0.5)", "data.mean must be a tuple, not 0.5"),
+    ("data=DataSpec(std=1)", "data.std must be a tuple, not 1"),
+    ("data=3", "data must be a DataSpec, not 3"),
+    ("data=DataSpec(mean=(float('nan'),))", "data.mean must hold finite numbers, not (nan,)"),
+])
+def test_wrong_data_types_from_a_spec_file(tmp_path: Path, body: str, want: str):
+    spec = read_spec_file(_write_spec(tmp_path, "wrong_data", body))
+    assert one_line_error(validate, spec) == want
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--optim.lr", "nan"], ["error: optim.lr must be a finite number, not nan"]),
+    (["--optim.betas", "1.5", "0.99"], ["error: optim.betas must each be in [0, 1), not (1.5, 0.99)"]),
+    (["--data.channels", "2"], ["--data.channels", "'0', '1', '3'"]),
+    (["--train.device", "gpu", "--train.seed", "-1"],
+     ["error: train.seed must be in [0, 2147483648), not -1 (and 1 more)"]),
+])
+def test_train_cli_bad_values(args: list[str], needles: list[str]):
+    """`python -m scm_graph.train`: exit 2 and one line, before any shard is opened."""
+    line = assert_user_error(run_cli("scm_graph.train", "specs/digits_sct.py", *args, timeout=120), *needles)
+    if needles[0].startswith("error: "):
+        assert line == needles[0]
+
+
+def test_train_cli_wrong_type_from_a_spec_file(tmp_path: Path):
+    p = _write_spec(tmp_path, "wrong_lr", 'optim=OptimSpec(lr="1e-3")')
+    line = assert_user_error(run_cli("scm_graph.train", p, timeout=120))
+    assert line == "error: optim.lr must be a number, not '1e-3'"
+
+
+# ----------------------------------------------------------------------------- every field has its valid values
+
+# Fields with no Check, Literal or bool: any value of their type is valid (a float is still checked to be finite).
+FREE_FIELDS = {
+    "objective.P_mean": "mean of log(sigma) of the time proposal: any finite number",
+    "data.mean": "per-channel means in stored units: any finite numbers (their count is checked by validate)",
+    "train.init_from": "a checkpoint path, empty = none (checked when the checkpoint is read)",
+    "train.out": "a run folder, empty = runs/<name> (checked when the run folder is made)",
+}
+
+
+def _spec_dataclasses() -> list[type]:
+    return [v for v in vars(specmod).values()
+            if isinstance(v, type) and dataclasses.is_dataclass(v) and v.__module__ == specmod.__name__]
+
+
+def _leaves(cls: type = Spec, prefix: str = "") -> list[tuple[str, object, list[Check]]]:
+    """(dotted name, bare type, Checks) of every leaf field under `cls`."""
+    out = []
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for f in dataclasses.fields(cls):
+        hint, checks = hints[f.name], []
+        if typing.get_origin(hint) is Annotated:
+            hint, *meta = typing.get_args(hint)
+            checks = [m for m in meta if isinstance(m, Check)]
+        if dataclasses.is_dataclass(hint):
+            out += _leaves(hint, f"{prefix}{f.name}.")
+        else:
+            out.append((prefix + f.name, hint, checks))
+    return out
+
+
+def _nested(cls: type = Spec) -> set[type]:
+    hints = typing.get_type_hints(cls)
+    found = {cls}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            found |= _nested(hints[f.name])
+    return found
+
+
+def test_every_spec_dataclass_is_reached_from_spec():
+    """validate walks from Spec: a dataclass not reachable from it would never be checked."""
+    assert set(_spec_dataclasses()) == _nested(Spec)
+
+
+def test_every_field_has_its_valid_values_or_is_declared_free():
+    unchecked = sorted(name for name, tp, checks in _leaves()
+                       if not checks and tp is not bool and typing.get_origin(tp) is not Literal)
+    assert unchecked == sorted(FREE_FIELDS), (
+        "a field without a Check(...), Literal[...] or bool: give it its valid values in scm_graph/spec.py, "
+        "or add it to FREE_FIELDS with the reason any value is valid")
+
+
+def _numeric(tp) -> bool:
+    if typing.get_origin(tp) is tuple:
+        return all(a in (int, float) for a in typing.get_args(tp) if a is not Ellipsis)
+    return tp in (int, float)
+
+
+def test_every_check_fits_its_field():
+    """A Check that cannot apply to its field's type checks nothing: bounds on numbers, patterns (read in
+    words) on strings, nonempty on tuples."""
+    bad = []
+    for name, tp, checks in _leaves():
+        for c in checks:
+            if c.describe() and not _numeric(tp):
+                bad.append(f"{name}: bounds on {tp}")
+            if c.pattern is not None and (tp is not str or not c.means):
+                bad.append(f"{name}: a pattern needs a str field and `means`")
+            if c.nonempty and typing.get_origin(tp) is not tuple:
+                bad.append(f"{name}: nonempty on {tp}")
+            if not (c.describe() or c.pattern is not None or c.nonempty):
+                bad.append(f"{name}: an empty Check()")
+    assert not bad, bad
+
+
+def test_defaults_and_spec_files_are_valid():
+    validate(Spec())
+    for path in SPEC_FILES:
+        validate(read_spec_file(path))
