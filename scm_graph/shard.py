@@ -16,7 +16,7 @@ from pathlib import Path
 from scm_graph.data.cifar10 import cifar10_source
 from scm_graph.data.digits import digits_source
 from scm_graph.data.folder import folder_source
-from scm_graph.data.source import Source
+from scm_graph.data.source import Source, skipped_summary
 from scm_graph.data.writer import check_destination, write_set
 from scm_graph.errors import ArgumentParser, UserError, cli_main
 
@@ -34,7 +34,7 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--src", required=True, help="cifar-10-python.tar.gz or the extracted cifar-10-batches-py/")
     c.add_argument("--split", choices=("train", "test"), default="train", help="default: train")
     f = sub.add_parser("folder", parents=[common], help="a folder of images (sub-folders = classes)")
-    f.add_argument("--src", required=True, help="folder of png/jpg/jpeg/webp/bmp images (recursive)")
+    f.add_argument("--src", required=True, help="folder of png/jpg/jpeg/webp/bmp/gif/tif images (recursive)")
     f.add_argument("--resolution", type=int, required=True, help="output side R (bicubic resize + centre crop)")
     f.add_argument("--no-labels", action="store_true", help="ignore class sub-folders")
     f.add_argument("--jobs", type=int, default=1, help="processes decoding images (default: 1)")
@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     check_destination(Path(args.out), name, args.force)
     t0 = time.perf_counter()
     source = _make_source(args)
+    if source.skipped:
+        print(skipped_summary(source.skipped), flush=True)
     m = write_set(source, args.out, name, args.shard_size, args.force)
     dest = Path(args.out) / m.name
     size = sum(m.shard_bytes) / 2**20

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from scm_graph.shard import main
+from tests.helpers import assert_user_error, run_cli
 
 
 def test_main_missing_src_is_one_line(tmp_path: Path, capsys):
@@ -75,3 +78,57 @@ def test_cli_subprocess_bad_source_is_one_line(tmp_path: Path):
     lines = bad.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), bad.stderr
     assert bad.returncode == 2 and lines[0] == f"error: --src {tmp_path / 'nope'} does not exist", bad.stderr
+
+
+def _no_source(*args):
+    raise AssertionError("the source was loaded before --out was checked")
+
+
+def test_folder_cli_prints_one_skipped_line(tmp_path: Path, capsys):
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for i, name in enumerate(("a.png", "b.gif", "c.tif")):
+        Image.new("RGB", (9, 9), (i * 80, 200 - i * 50, 30 + i)).save(src / name)
+    (src / "notes.txt").write_text("x")
+    (src / "todo.txt").write_text("x")
+    (src / ".DS_Store").write_bytes(b"x")
+    main(["folder", "--src", str(src), "--resolution", "8", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    assert out.err == "" and len(lines) == 2, out
+    assert lines[0] == "skipped 3 files: 2 .txt, 1 hidden (.DS_Store, notes.txt, todo.txt)"
+    assert lines[1].startswith("wrote 3 images 3x8x8 (no labels) in 1 shard(s)"), lines[1]
+
+
+def test_out_is_an_existing_file(tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.setattr("scm_graph.shard._make_source", _no_source)
+    (tmp_path / "shards").write_text("not a folder")
+    for out, line in ((tmp_path / "shards", f"--out {tmp_path / 'shards'} is a file, not a folder"),
+                      (tmp_path / "shards" / "sub", f"--out {tmp_path / 'shards' / 'sub'} cannot be created: "
+                                                    f"{tmp_path / 'shards'} is a file, not a folder")):
+        with pytest.raises(SystemExit) as e:
+            main(["digits", "--out", str(out)])
+        assert e.value.code == 2
+        assert capsys.readouterr().err == f"error: {line}\n"
+    res = run_cli("scm_graph.shard", "digits", "--out", tmp_path / "shards")
+    assert_user_error(res, f"--out {tmp_path / 'shards'} is a file, not a folder")
+
+
+def test_out_under_a_read_only_folder(tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.setattr("scm_graph.shard._make_source", _no_source)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.access(ro, os.W_OK):  # root ignores the mode bits; make the check see what a user would
+        real = os.access
+        monkeypatch.setattr("scm_graph.data.writer.os.access", lambda p, mode: real(p, mode) and Path(p) != ro)
+    try:
+        for out, line in ((ro / "shards" / "x", f"--out {ro / 'shards' / 'x'} cannot be created: {ro} is not writable"),
+                          (ro, f"--out {ro} is not writable")):
+            with pytest.raises(SystemExit) as e:
+                main(["digits", "--out", str(out)])
+            assert e.value.code == 2
+            assert capsys.readouterr().err == f"error: {line}\n"
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)

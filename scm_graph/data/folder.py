@@ -11,7 +11,7 @@ from PIL import Image
 from scm_graph.data.source import Source
 from scm_graph.errors import UserError
 
-IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
 def center_crop(img: Image.Image, resolution: int) -> np.ndarray:
@@ -26,7 +26,7 @@ def center_crop(img: Image.Image, resolution: int) -> np.ndarray:
 
 
 def load_image(path: Path, resolution: int) -> np.ndarray:
-    """Read one image file as uint8 [3, R, R]; UserError naming the file if it is unreadable."""
+    """Read one image file (a GIF's first frame) as uint8 [3, R, R]; UserError naming the file if it is unreadable."""
     try:
         with Image.open(path) as img:
             rgb = img.convert("RGB")
@@ -35,16 +35,29 @@ def load_image(path: Path, resolution: int) -> np.ndarray:
     return np.ascontiguousarray(center_crop(rgb, resolution).transpose(2, 0, 1))
 
 
-def _list_images(src: Path) -> list[Path]:
-    """All image files under src (recursive, hidden paths skipped), sorted by relative path."""
-    files = [
-        p
-        for p in src.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTS
-        and not any(part.startswith(".") for part in p.relative_to(src).parts)
-        and p.is_file()
-    ]
-    return sorted(files, key=lambda p: p.relative_to(src).as_posix())
+def _skip_reason(rel: Path) -> str | None:
+    """Why a file (path relative to src) is not an image to read: "hidden", its extension, or "no extension"."""
+    if any(part.startswith(".") for part in rel.parts):
+        return "hidden"
+    if rel.suffix.lower() not in IMAGE_EXTS:
+        return rel.suffix.lower() or "no extension"
+    return None
+
+
+def _list_images(src: Path) -> tuple[list[Path], tuple[tuple[str, str], ...]]:
+    """(image files under src, recursive, sorted by relative path; (reason, name) of every other file)."""
+    files: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+    for p in sorted(src.rglob("*"), key=lambda p: p.relative_to(src).as_posix()):
+        if not p.is_file():
+            continue
+        rel = p.relative_to(src)
+        reason = _skip_reason(rel)
+        if reason is None:
+            files.append(p)
+        else:
+            skipped.append((reason, rel.as_posix()))
+    return files, tuple(skipped)
 
 
 def _folder_labels(src: Path, files: list[Path]) -> tuple[list[int], tuple[str, ...]] | None:
@@ -80,7 +93,7 @@ def folder_source(src: str | Path, resolution: int, labels: bool = True, jobs: i
         raise UserError(f"--src {src} is not a folder")
     if resolution <= 0:
         raise UserError(f"--resolution must be positive, not {resolution}")
-    files = _list_images(src)
+    files, skipped = _list_images(src)
     if not files:
         raise UserError(f"--src {src}: no images ({', '.join(sorted(IMAGE_EXTS))}) found")
     found = _folder_labels(src, files) if labels else None
@@ -89,4 +102,5 @@ def folder_source(src: str | Path, resolution: int, labels: bool = True, jobs: i
     images = _load_images([files[i] for i in order], resolution, jobs)
     samples = zip(images, [label_list[i] for i in order])
     names = found[1] if found else None
-    return Source(src.resolve().name, str(src.resolve()), (3, resolution, resolution), len(files), names, samples)
+    shape = (3, resolution, resolution)
+    return Source(src.resolve().name, str(src.resolve()), shape, len(files), names, samples, skipped)

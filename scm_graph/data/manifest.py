@@ -8,16 +8,20 @@ per-channel statistics and the labels. The shard writer (`scm_graph.data.writer`
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from scm_graph.errors import UserError
 from scm_graph.spec import Spec
 
 MANIFEST = "manifest.json"
 VERSION = 1
+CHECKSUM = "sha256"
+"""The per-sample checksum: the member name in each sample and the manifest's `sample_checksum`."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,8 @@ class Manifest:
     """Samples per shard (optional; checked while reading)."""
     shard_bytes: tuple[int, ...] = field(default=())
     """File size per shard (optional; checked by open_shards, catches truncated copies)."""
+    sample_checksum: str | None = None
+    """"sha256": every sample holds a `sha256` member (see `sample_digest`); None for older sets."""
 
     @staticmethod
     def load(folder: str | Path) -> "Manifest":
@@ -57,11 +63,22 @@ class Manifest:
             raise UserError(f"invalid manifest {path} ({msg}); {shard_hint(folder, rewrite=True)}") from None
 
     def to_json(self) -> str:
-        """The manifest as JSON text (what `load` reads)."""
+        """The manifest as JSON text (what `load` reads); no `sample_checksum` key when there is none."""
         d: dict[str, Any] = {"version": VERSION}
         for k, v in self.__dict__.items():
-            d[k] = list(v) if isinstance(v, tuple) else v
+            if k != "sample_checksum" or v is not None:
+                d[k] = list(v) if isinstance(v, tuple) else v
         return json.dumps(d, indent=2) + "\n"
+
+
+def sample_digest(sample: Mapping[str, Any]) -> str:
+    """The `sha256` member of a sample: 16 hex digits over its other payloads, sorted by name, with names and sizes."""
+    h = hashlib.sha256()
+    for name in sorted(k for k in sample if not k.startswith("__") and k != CHECKSUM):
+        data = bytes(sample[name])
+        h.update(f"{name}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()[:16]
 
 
 def shard_hint(folder: Path, rewrite: bool = False) -> str:
@@ -74,42 +91,143 @@ def shard_hint(folder: Path, rewrite: bool = False) -> str:
     return f"run `python -m scm_graph.shard {src} --out {folder.parent}{force}`"
 
 
-def _manifest_from_dict(d: dict[str, Any]) -> Manifest:
-    """Build a Manifest from parsed JSON, raising ValueError/KeyError/TypeError on bad content."""
-    if d.get("version") != VERSION:
+# ---------------------------------------------------------------------------------------------
+# Validation: each check names the field and the bad value
+
+
+REQUIRED = ("name", "count", "shape", "dtype", "format", "mean", "std", "num_classes", "labels", "class_names",
+            "source", "shards")
+OPTIONAL = ("version", "shard_counts", "shard_bytes", "sample_checksum")
+
+
+def _show(v: Any) -> str:
+    """A JSON value as it appears in the file, cut to 80 characters."""
+    s = json.dumps(v)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def _is_int(v: Any) -> bool:
+    """A JSON integer (not a float like 3.0, a string or a bool)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int(d: dict[str, Any], key: str, least: int) -> int:
+    """d[key] as an integer >= least."""
+    v = d[key]
+    if not _is_int(v) or v < least:
+        raise ValueError(f"{key} must be an integer >= {least}, not {_show(v)}")
+    return v
+
+
+def _str(d: dict[str, Any], key: str) -> str:
+    """d[key] as a string."""
+    if not isinstance(d[key], str):
+        raise ValueError(f"{key} must be a string, not {_show(d[key])}")
+    return d[key]
+
+
+def _ints(d: dict[str, Any], key: str, n: int) -> tuple[int, ...]:
+    """d[key] (optional) as n positive integers, one per shard; () when absent."""
+    v = d.get(key, [])
+    if key in d and not (isinstance(v, list) and len(v) == n and all(_is_int(x) and x > 0 for x in v)):
+        raise ValueError(f"{key} must be a list of {n} positive integers (one per shard), not {_show(v)}")
+    return tuple(v)
+
+
+def _stats(d: dict[str, Any], key: str, channels: int, positive: bool) -> tuple[float, ...]:
+    """d[key] as one finite number per channel (> 0 when positive)."""
+    v = d[key]
+    ok = isinstance(v, list) and len(v) == channels and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and (x > 0 or not positive)
+        for x in v)
+    if not ok:
+        what = f"finite number{'s' if channels > 1 else ''}" + (" > 0" if positive else "")
+        raise ValueError(f"{key} must be a list of {channels} {what} (one per channel), not {_show(v)}")
+    return tuple(float(x) for x in v)
+
+
+def _shape(d: dict[str, Any]) -> tuple[int, int, int]:
+    """[channels, height, width] with 1 or 3 channels and positive sizes."""
+    v = d["shape"]
+    if not (isinstance(v, list) and len(v) == 3 and all(_is_int(x) and x > 0 for x in v) and v[0] in (1, 3)):
+        want = "[channels, height, width] with 1 or 3 channels and positive sizes"
+        raise ValueError(f"shape must be {want}, not {_show(v)}")
+    return (v[0], v[1], v[2])
+
+
+def _shards(d: dict[str, Any]) -> tuple[str, ...]:
+    """A non-empty list of unique plain file names ending in .tar."""
+    v = d["shards"]
+    if not isinstance(v, list) or not v:
+        raise ValueError(f"shards must be a non-empty list of shard file names, not {_show(v)}")
+    for s in v:
+        if not isinstance(s, str) or "/" in s or "\\" in s or "\0" in s or s.startswith(".") or not s.endswith(".tar"):
+            raise ValueError(f"shards: {_show(s)} is not a plain file name ending in .tar")
+    dup = next((s for i, s in enumerate(v) if s in v[:i]), None)
+    if dup is not None:
+        raise ValueError(f"shards: {_show(dup)} is listed twice")
+    return tuple(v)
+
+
+def _labels(d: dict[str, Any]) -> tuple[bool, int, tuple[str, ...] | None]:
+    """(labels, num_classes, class_names), consistent with each other."""
+    labels, num_classes, names = d["labels"], _int(d, "num_classes", 0), d["class_names"]
+    if not isinstance(labels, bool):
+        raise ValueError(f"labels must be true or false, not {_show(labels)}")
+    if labels != (num_classes > 0):
+        raise ValueError(f"labels is {_show(labels)} but num_classes is {num_classes}")
+    if not labels:
+        if names is not None:
+            raise ValueError(f"class_names must be null for an unlabelled set, not {_show(names)}")
+        return False, 0, None
+    if not (isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names)):
+        raise ValueError(f"class_names must be a list of {num_classes} strings (num_classes), not {_show(names)}")
+    return True, num_classes, tuple(names)
+
+
+def _manifest_from_dict(d: Any) -> Manifest:
+    """Build a Manifest from parsed JSON, raising ValueError on bad content (the message names field and value)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a JSON object, not {_show(d)}")
+    if d.get("version") != VERSION or not _is_int(d.get("version")):
         raise ValueError(f"unsupported version {d.get('version')!r}, expected {VERSION}")
-    shape = tuple(int(s) for s in d["shape"])
-    names = d.get("class_names")
-    m = Manifest(
-        name=str(d["name"]),
-        count=int(d["count"]),
-        shape=shape,  # type: ignore[arg-type]
-        dtype=str(d["dtype"]),
-        format=str(d["format"]),
-        mean=tuple(float(v) for v in d["mean"]),
-        std=tuple(float(v) for v in d["std"]),
-        num_classes=int(d["num_classes"]),
-        labels=bool(d["labels"]),
-        class_names=None if names is None else tuple(str(n) for n in names),
-        source=str(d["source"]),
-        shards=tuple(str(s) for s in d["shards"]),
-        shard_counts=tuple(int(c) for c in d.get("shard_counts", ())),
-        shard_bytes=tuple(int(b) for b in d.get("shard_bytes", ())),
+    unknown = sorted(set(d) - set(REQUIRED) - set(OPTIONAL))
+    if unknown:
+        raise ValueError(f"unknown field {_show(unknown[0])}")
+    missing = [k for k in REQUIRED if k not in d]
+    if missing:
+        raise ValueError(f"missing field {missing[0]}")
+    shape = _shape(d)
+    dtype, fmt = _str(d, "dtype"), _str(d, "format")
+    if dtype != "uint8":
+        raise ValueError(f"dtype must be \"uint8\", not {_show(dtype)}")
+    if fmt != "png":
+        raise ValueError(f"format must be \"png\", not {_show(fmt)}")
+    labels, num_classes, names = _labels(d)
+    count, shards = _int(d, "count", 1), _shards(d)
+    counts = _ints(d, "shard_counts", len(shards))
+    if counts and sum(counts) != count:
+        raise ValueError(f"shard_counts add up to {sum(counts)}, but count is {count}")
+    checksum = d.get("sample_checksum")
+    if checksum not in (None, CHECKSUM):
+        raise ValueError(f"sample_checksum must be \"{CHECKSUM}\" or null, not {_show(checksum)}")
+    return Manifest(
+        name=_str(d, "name"),
+        count=count,
+        shape=shape,
+        dtype=dtype,
+        format=fmt,
+        mean=_stats(d, "mean", shape[0], positive=False),
+        std=_stats(d, "std", shape[0], positive=True),
+        num_classes=num_classes,
+        labels=labels,
+        class_names=names,
+        source=_str(d, "source"),
+        shards=shards,
+        shard_counts=counts,
+        shard_bytes=_ints(d, "shard_bytes", len(shards)),
+        sample_checksum=checksum,
     )
-    if len(shape) != 3 or min(shape) <= 0 or shape[0] not in (1, 3):
-        raise ValueError(f"bad shape {list(shape)}")
-    if m.dtype != "uint8" or m.format != "png":
-        raise ValueError(f"unsupported dtype/format {m.dtype}/{m.format}")
-    if len(m.mean) != shape[0] or len(m.std) != shape[0]:
-        raise ValueError("mean/std need one value per channel")
-    if m.count <= 0 or not m.shards or any("/" in s or s.startswith(".") for s in m.shards):
-        raise ValueError("no samples or bad shard list")
-    if m.labels != (m.num_classes > 0):
-        raise ValueError("labels and num_classes disagree")
-    for extra in (m.shard_counts, m.shard_bytes):
-        if extra and len(extra) != len(m.shards):
-            raise ValueError("shard_counts/shard_bytes must match shards")
-    return m
 
 
 def resolve_spec(spec: Spec, manifest: Manifest) -> Spec:

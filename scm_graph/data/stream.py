@@ -15,6 +15,8 @@ import functools
 import hashlib
 import io
 import random
+import re
+import tarfile
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -25,9 +27,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys
 
-from scm_graph.data.manifest import Manifest, shard_hint
+from scm_graph.data.manifest import CHECKSUM, Manifest, sample_digest, shard_hint
 from scm_graph.data.normalize import normalize
 from scm_graph.errors import UserError
 from scm_graph.spec import DataSpec
@@ -42,7 +44,8 @@ class Batch:
 
 
 def open_shards(spec: DataSpec) -> Manifest:
-    """Load the manifest of `<spec.root>/<spec.name>` and check every shard file is there (and whole)."""
+    """Load the manifest of `<spec.root>/<spec.name>`, check every shard file is there (and whole) and that
+    the first sample matches the manifest (so a mismatch fails before training starts)."""
     folder = Path(spec.root) / spec.name
     m = Manifest.load(folder)
     for i, s in enumerate(m.shards):
@@ -57,7 +60,38 @@ def open_shards(spec: DataSpec) -> Manifest:
         else:
             continue
         raise UserError(f"shard file {p} is truncated or corrupt ({problem}); {shard_hint(folder, rewrite=True)}")
+    _check_first_sample(str(folder / m.shards[0]), m)
     return m
+
+
+def _check_first_sample(url: str, m: Manifest) -> None:
+    """Decode the first sample of shard `url` and check it against the manifest."""
+    samples = _read_shards([{"url": url}], {})
+    try:
+        first = next(samples, None)
+    finally:
+        samples.close()
+    if first is None:
+        raise UserError(f"shard file {url} holds no samples; {shard_hint(Path(url).parent, rewrite=True)}")
+    _decode(first, m)
+
+
+def read_all(spec: DataSpec) -> Iterator[tuple[bytes, int]]:
+    """Every sample of the set once, in shard and file order, checked and decoded as (uint8 CHW bytes, label or -1)."""
+    m = open_shards(spec)
+    folder = Path(spec.root) / spec.name
+    paths = [str(folder / s) for s in m.shards]
+    return _read_all(paths, m)
+
+
+def _read_all(paths: list[str], m: Manifest) -> Iterator[tuple[bytes, int]]:
+    """The samples of `paths` (checked against the manifest's counts), decoded."""
+    n = 0
+    for sample in _read_shards([{"url": p} for p in paths], dict(zip(paths, m.shard_counts))):
+        n += 1
+        yield _decode(sample, m)
+    if n != m.count:
+        raise UserError(f"shard set {Path(paths[0]).parent} holds {n} samples, manifest says {m.count}")
 
 
 def _has_tar_end(path: Path, size: int) -> bool:
@@ -86,20 +120,48 @@ def _resampled_shards(paths: tuple[str, ...], weights: tuple[int, ...], seed: in
         yield {"url": rng.choices(paths, weights=weights)[0]}
 
 
+def _plain(e: BaseException) -> str:
+    """An exception's reason in one line, without the stream reprs that tarfile, webdataset and PIL add."""
+    if isinstance(e, OSError) and e.strerror:
+        msg = e.strerror
+    else:
+        msg = str(e.args[0]) if e.args else ""
+    msg = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", msg.split(" @ ")[0])
+    lines = msg.strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _tar_members(f: io.BufferedReader, url: str) -> Iterator[dict]:
+    """{"fname", "data", "__url__"} of each file in the tar stream f; a bad header is an error, not an early end."""
+    try:
+        tf = tarfile.open(fileobj=f, mode="r|")
+    except tarfile.ReadError as e:
+        raise ValueError(f"bad tar header at byte 0 ({e})") from None
+    for info in tf:
+        if info.isreg():
+            yield {"fname": info.name, "data": tf.extractfile(info).read(), "__url__": url}
+        tf.members = []  # stream mode: keep no index
+    # tarfile stops quietly at a header it cannot read; a whole archive stops at a zero block
+    f.seek(tf.offset)
+    block = f.read(512)
+    if len(block) < 512 or block.strip(b"\0"):
+        raise ValueError(f"bad tar header at byte {tf.offset}")
+
+
 def _read_shards(srcs: Iterable[dict], expected: dict[str, int]) -> Iterator[dict]:
     """Raw samples (dicts of bytes) of each shard; corrupt or truncated shards -> UserError."""
     for src in srcs:
         url, n = src["url"], 0
         try:
             with open(url, "rb") as f:
-                for sample in group_by_keys(tar_file_expander([{"url": url, "stream": f}])):
+                for sample in group_by_keys(_tar_members(f, url)):
                     n += 1
                     yield sample
-        except Exception as e:  # tarfile/wds errors carry the stream in their args; keep one line
-            msg = str(e.args[0]).split(" @ ")[0] if e.args else type(e).__name__
-            raise UserError(f"shard file {url} is truncated or corrupt ({msg.splitlines()[0]})") from None
+        except Exception as e:  # any tarfile/wds failure means a bad shard; keep one line
+            raise UserError(f"shard file {url} is truncated or corrupt ({_plain(e)})") from None
         if url in expected and n != expected[url]:
-            raise UserError(f"shard file {url} is truncated or corrupt ({n} samples, manifest says {expected[url]})")
+            got = f"{n} sample{'s' if n != 1 else ''}"
+            raise UserError(f"shard file {url} is truncated or corrupt ({got}, manifest says {expected[url]})")
 
 
 def _take(src: Iterable[Any], start: int, stop: int) -> Iterator[Any]:
@@ -118,28 +180,67 @@ def _worker_split(src: Iterable[Any]) -> Iterator[Any]:
             yield sample
 
 
-def _decode(sample: dict, shape: tuple[int, int, int], num_classes: int) -> tuple[bytes, int]:
-    """Raw sample -> (uint8 CHW image bytes, label or -1); decodes PNG with PIL only."""
-    url, key = sample.get("__url__"), sample.get("__key__")
+def _where(sample: dict) -> str:
+    """'shard file F: sample K' (the key escaped, so a foreign name cannot break the line)."""
+    return f"shard file {sample.get('__url__')}: sample {repr(str(sample.get('__key__')))[1:-1]}"
+
+
+def _verify(sample: dict, m: Manifest) -> None:
+    """The sample's `sha256` member matches its other members (sets written with a checksum)."""
+    if m.sample_checksum is None:
+        return
+    where, stored = _where(sample), sample.get(CHECKSUM)
+    if stored is None:
+        raise UserError(f"{where} has no {CHECKSUM} member, but the manifest says every sample has one")
+    if bytes(stored) != sample_digest(sample).encode("ascii"):
+        raise UserError(f"{where} does not match its {CHECKSUM} checksum (corrupt data)")
+
+
+def _image(sample: dict, shape: tuple[int, int, int]) -> np.ndarray:
+    """The sample's PNG as uint8 [H, W] or [H, W, 3]; its mode must match the channels, its size the manifest."""
+    where = _where(sample)
     c, h, w = shape
+    want = "L" if c == 1 else "RGB"
+    if "png" not in sample:
+        raise UserError(f"{where} has no png member")
     try:
         with Image.open(io.BytesIO(sample["png"]), formats=["PNG"]) as img:
-            mode = "L" if c == 1 else "RGB"
-            arr = np.asarray(img.convert(mode) if img.mode != mode else img)
-    except (KeyError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UserError(f"shard file {url}: sample {key} has a bad png ({type(e).__name__}: {e})") from None
-    if arr.shape[:2] != (h, w):
-        raise UserError(f"shard file {url}: sample {key} is {arr.shape[1]}x{arr.shape[0]}, manifest says {w}x{h}")
-    image = np.ascontiguousarray(arr.reshape(h, w, c).transpose(2, 0, 1)).tobytes()
+            if img.mode != want:
+                raise UserError(f"{where} is a png of mode {img.mode}, "
+                                f"but the manifest says {c} channel{'s' if c > 1 else ''} (mode {want})")
+            if img.size != (w, h):
+                raise UserError(f"{where} is {img.size[0]}x{img.size[1]}, manifest says {w}x{h}")
+            return np.asarray(img)
+    except UserError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise UserError(f"{where} has a bad png (not a PNG image)") from None
+    except Exception as e:  # any decoder failure means bad bytes
+        raise UserError(f"{where} has a bad png ({_plain(e)})") from None
+
+
+def _label(sample: dict, num_classes: int) -> int:
+    """The sample's `cls` as an int in 0..num_classes-1, or -1 for an unlabelled set (which must have no `cls`)."""
+    where, cls = _where(sample), sample.get("cls")
     if not num_classes:
-        return image, -1
-    try:
-        label = int(sample["cls"].decode("ascii"))
-    except (KeyError, ValueError, UnicodeDecodeError):
-        label = -1
-    if not 0 <= label < num_classes:
-        raise UserError(f"shard file {url}: sample {key} has a missing or bad label")
-    return image, label
+        if cls is not None:
+            raise UserError(f"{where} has a label (cls member), but the manifest says the set is unlabelled")
+        return -1
+    if cls is None:
+        raise UserError(f"{where} has no label (cls member), but the manifest says the set is labelled")
+    text = bytes(cls).decode("ascii", "replace")
+    if not (text.isascii() and text.isdigit() and len(text) <= 9 and int(text) < num_classes):
+        raise UserError(f"{where} has label {text[:20]!r}, expected an integer in 0..{num_classes - 1}")
+    return int(text)
+
+
+def _decode(sample: dict, m: Manifest) -> tuple[bytes, int]:
+    """Raw sample -> (uint8 CHW image bytes, label or -1): checksum, then PNG (PIL only), then label."""
+    _verify(sample, m)
+    c, h, w = m.shape
+    arr = _image(sample, m.shape)
+    label = _label(sample, m.num_classes)
+    return np.ascontiguousarray(arr.reshape(h, w, c).transpose(2, 0, 1)).tobytes(), label
 
 
 def _catch_user_errors(src: Iterable[Any]) -> Iterator[Any]:
@@ -164,7 +265,7 @@ def _segment_pipeline(spec: DataSpec, m: Manifest, seed: int, rank: int, segment
         wds.shuffle(buf, initial=buf, seed=_derive_seed(*base, "shuffle")) if buf > 1 else None,
         functools.partial(_take, start=skip, stop=spec.segment_images),
         _worker_split,
-        wds.map(functools.partial(_decode, shape=m.shape, num_classes=m.num_classes)),
+        wds.map(functools.partial(_decode, m=m)),
         _catch_user_errors,
     )
 
@@ -192,12 +293,18 @@ def _sample_stream(spec: DataSpec, m: Manifest, seed: int, rank: int, start: int
 
 def _check_stream_args(spec: DataSpec, batch: int, start_images: int, rank: int, world_size: int) -> None:
     """One-line errors for impossible stream settings."""
-    if batch <= 0 or start_images < 0:
-        raise UserError(f"batch must be positive and start_images >= 0 (got {batch}, {start_images})")
+    if batch <= 0:
+        raise UserError(f"batch must be positive, not {batch}")
+    if start_images < 0:
+        raise UserError(f"start_images must be >= 0, not {start_images}")
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is outside world_size {world_size}")
-    if spec.segment_images <= 0 or spec.shuffle_buffer < 0 or spec.workers < 0:
-        raise UserError("data.segment_images must be positive, data.shuffle_buffer and data.workers >= 0")
+    if spec.segment_images <= 0:
+        raise UserError(f"data.segment_images must be positive, not {spec.segment_images}")
+    if spec.shuffle_buffer < 0:
+        raise UserError(f"data.shuffle_buffer must be >= 0, not {spec.shuffle_buffer}")
+    if spec.workers < 0:
+        raise UserError(f"data.workers must be >= 0, not {spec.workers}")
 
 
 def batches(

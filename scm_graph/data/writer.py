@@ -1,7 +1,8 @@
 """Writing a Source as webdataset shards plus its manifest, atomically (temp folder + rename).
 
 Output: `<out>/<name>/shard-000000.tar ...` and `<out>/<name>/manifest.json` (see `scm_graph.data.manifest`).
-Each sample holds `png` (uint8, 1 or 3 channels) and, for labelled sets, `cls` (the label as text).
+Each sample holds `png` (uint8, 1 or 3 channels), for labelled sets `cls` (the label as text), and
+`sha256` (the manifest's `sample_digest` of the other members; the reader checks it before decoding).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from scm_graph.data.manifest import MANIFEST, Manifest
+from scm_graph.data.manifest import CHECKSUM, MANIFEST, Manifest, sample_digest
 from scm_graph.data.source import Source
 from scm_graph.errors import UserError
 
@@ -59,9 +60,25 @@ def _check_name(name: str) -> None:
         raise UserError(f"--name must be a plain folder name, not {name!r}")
 
 
+def _check_out(out: Path) -> None:
+    """`--out` is a folder we can write, or one we can create (its nearest existing parent is a writable folder)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    base = out.absolute()
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise UserError(f"--out {out} cannot be created: {base} is a file, not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        if base == out.absolute():
+            raise UserError(f"--out {out} is not writable")
+        raise UserError(f"--out {out} cannot be created: {base} is not writable")
+
+
 def check_destination(out: Path, name: str, force: bool) -> Path:
-    """`<out>/<name>`; UserError if it exists and force is off (nothing is touched)."""
+    """`<out>/<name>`; UserError if out cannot hold it, or it exists and force is off (nothing is touched)."""
     _check_name(name)
+    _check_out(out)
     dest = out / name
     if dest.exists() and not force:
         raise UserError(f"{dest} already exists; pass --force to replace it")
@@ -112,17 +129,40 @@ def _write_shards(
                 sample = {"__key__": f"{index:0{width}d}", "png": encode_png(image)}
                 if source.class_names is not None:
                     sample["cls"] = str(label).encode("ascii")
+                sample[CHECKSUM] = sample_digest(sample).encode("ascii")
                 writer.write(sample)
                 moments.add(image)
                 counts[-1] += 1
                 index += 1
                 bar.advance(task)
+        except OSError as e:  # the shard being written is the likely culprit when the error names no file
+            raise _write_error(e, folder / names[-1] if names else folder) from None
         finally:
             if writer is not None:
-                writer.close()
+                _close(writer, folder / names[-1])
     if index != source.count:
         raise UserError(f"source yielded {index} samples, expected {source.count}")
     return names, counts, moments
+
+
+def _close(writer, path: Path) -> None:
+    """Close a TarWriter (this flushes the end of the archive); OSError -> UserError naming the file."""
+    try:
+        writer.close()
+    except OSError as e:
+        raise _write_error(e, path) from None
+
+
+def _write_error(e: OSError, path: Path) -> UserError:
+    """One line naming the file and the system's reason."""
+    return UserError(f"cannot write {e.filename or path}: {e.strerror or e}")
+
+
+def _check_stats(std: tuple[float, ...]) -> None:
+    """The reader needs std > 0 in every channel."""
+    for c, s in enumerate(std):
+        if not s > 0:
+            raise UserError(f"channel {c} of the source is constant (std {s}); it cannot be normalised")
 
 
 def _fresh_dir(parent: Path, prefix: str) -> Path:
@@ -161,14 +201,20 @@ def write_set(
         raise UserError(f"--shard-size must be positive, not {shard_size}")
     if source.count <= 0:
         raise UserError("the source holds no images")
+    if source.class_names is not None and not source.class_names:
+        raise UserError("the source is labelled but has no classes")
     out = Path(out)
     name = name or source.name
     dest = check_destination(out, name, force)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = _fresh_dir(out, f".{name}.tmp")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = _fresh_dir(out, f".{name}.tmp")
+    except OSError as e:
+        raise _write_error(e, out) from None
     try:
         shards, counts, moments = _write_shards(source, tmp, shard_size, progress)
         mean, std = moments.mean_std()
+        _check_stats(std)
         labelled = source.class_names is not None
         manifest = Manifest(
             name=name,
@@ -185,10 +231,14 @@ def write_set(
             shards=tuple(shards),
             shard_counts=tuple(counts),
             shard_bytes=tuple((tmp / s).stat().st_size for s in shards),
+            sample_checksum=CHECKSUM,
         )
         (tmp / MANIFEST).write_text(manifest.to_json())
         check_destination(out, name, force)  # still ours to write?
         _swap_into_place(tmp, dest)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(e, tmp) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

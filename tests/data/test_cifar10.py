@@ -13,7 +13,7 @@ import pytest
 from scm_graph.data.cifar10 import cifar10_source
 from scm_graph.data.writer import write_set
 from scm_graph.errors import UserError
-from tests.helpers import read_set
+from tests.data.setfiles import read_set
 
 
 def _batch(rng: np.random.Generator, n: int) -> dict:

@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 
 from scm_graph.data.folder import folder_source
+from scm_graph.data.source import skipped_summary
 from scm_graph.data.writer import write_set
 from scm_graph.errors import UserError
-from tests.helpers import read_set
+from tests.data.setfiles import read_set
 
 
 def _png(path: Path, w: int, h: int, seed: int, fmt: str = "PNG") -> None:
@@ -85,3 +86,39 @@ def test_folder_jobs_match_single_process(tmp_path: Path):
     (src / "c0" / "bad.png").write_bytes(b"garbage")
     with pytest.raises(UserError, match="bad.png"):
         write_set(folder_source(src, 8, jobs=2), tmp_path / "c", progress=False)
+
+
+def test_folder_reads_gif_first_frame_and_tiff(tmp_path: Path):
+    src = tmp_path / "anim"
+    src.mkdir()
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(src / "a.gif", save_all=True, append_images=frames[1:])
+    _png(src / "b.tif", 8, 8, 1, "TIFF")
+    _png(src / "c.TIFF", 8, 8, 2, "TIFF")
+    source = folder_source(src, 8)
+    assert source.count == 3 and source.skipped == ()
+    write_set(source, tmp_path / "out", progress=False)
+    _, got, _ = read_set(tmp_path / "out" / "anim")
+    reds = [k for k in got if (got[k][0] > 200).all() and (got[k][2] < 50).all()]
+    assert len(reds) == 1  # the GIF's first (red) frame, not its blue second one
+    tiffs = {np.asarray(Image.open(src / n)).transpose(2, 0, 1).tobytes() for n in ("b.tif", "c.TIFF")}
+    assert tiffs <= {v.tobytes() for v in got.values()}
+
+
+def test_folder_reports_what_it_skips(tmp_path: Path):
+    src = tmp_path / "mixed"
+    _png(src / "cat" / "a.png", 8, 8, 0)
+    _png(src / "dog" / "b.png", 8, 8, 1)
+    (src / "cat" / "notes.txt").write_text("x")
+    (src / "dog" / "z.txt").write_text("x")
+    (src / "dog" / "README").write_text("x")
+    (src / "cat" / ".DS_Store").write_bytes(b"x")
+    _png(src / ".cache" / "c.png", 8, 8, 2)  # an image, but in a hidden folder
+    source = folder_source(src, 8)
+    assert source.count == 2 and source.class_names == ("cat", "dog")
+    assert source.skipped == (("hidden", ".cache/c.png"), ("hidden", "cat/.DS_Store"), (".txt", "cat/notes.txt"),
+                              ("no extension", "dog/README"), (".txt", "dog/z.txt"))
+    assert skipped_summary(source.skipped) == (
+        "skipped 5 files: 2 .txt, 2 hidden, 1 no extension (.cache/c.png, cat/.DS_Store, cat/notes.txt, ...)")
+    assert skipped_summary(source.skipped[2:3]) == "skipped 1 file: 1 .txt (cat/notes.txt)"
+    assert skipped_summary(()) == ""

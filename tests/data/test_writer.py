@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from scm_graph.data.digits import load_digits_uint8
+from scm_graph.data.source import Source
 from scm_graph.errors import UserError
 from scm_graph.shard import digits_source, main, write_set
-from tests.helpers import read_set, snapshot
+from tests.data.setfiles import digest, read_members, read_set
+from tests.helpers import snapshot
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +79,51 @@ def test_refuses_overwrite_without_force_and_force_replaces(tmp_path: Path):
 
 
 
+
+
+def _digits(n: int):
+    images, labels = load_digits_uint8()
+    return images[:n], labels[:n]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_disk_full_while_writing_is_one_line_and_leaves_nothing(tmp_path: Path):
+    """The second shard file is a link to /dev/full (every write: ENOSPC); the temp folder is removed."""
+    images, labels = _digits(3)
+    out = tmp_path / "out"
+
+    def samples():
+        for i in range(3):
+            if i == 1:  # the first shard is written; the writer is about to open the second
+                (tmp,) = out.glob(".digits.tmp-*")
+                (tmp / "shard-000001.tar").symlink_to("/dev/full")
+            yield images[i], int(labels[i])
+
+    source = Source("digits", "test", (1, 8, 8), 3, tuple("0123456789"), samples())
+    with pytest.raises(UserError) as e:
+        write_set(source, out, shard_size=1, progress=False)
+    msg = str(e.value)
+    assert re.fullmatch(rf"cannot write {re.escape(str(out))}/\.digits\.tmp-[^/]+/shard-000001\.tar: No space left on device",
+                        msg), msg
+    assert list(out.iterdir()) == []
+
+
+def test_constant_channel_is_refused(tmp_path: Path):
+    images = np.zeros((4, 3, 8, 8), dtype=np.uint8)
+    images[:, 0] = np.arange(4)[:, None, None]  # channel 0 varies, 1 and 2 do not
+    source = Source("flat", "test", (3, 8, 8), 4, None, ((x, None) for x in images))
+    with pytest.raises(UserError) as e:
+        write_set(source, tmp_path, progress=False)
+    assert str(e.value) == "channel 1 of the source is constant (std 0.0); it cannot be normalised"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_sample_carries_its_checksum(digits_dir: Path):
+    m = json.loads((digits_dir / "manifest.json").read_text())
+    assert m["sample_checksum"] == "sha256"
+    members = read_members(digits_dir)
+    assert len(members) == 1797
+    for key, payloads in members.items():
+        assert sorted(payloads) == ["cls", "png", "sha256"], key
+        stored = payloads.pop("sha256").decode()
+        assert re.fullmatch(r"[0-9a-f]{16}", stored) and stored == digest(payloads), key
