@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -54,11 +55,13 @@ def tiny_args(root: Path, out: Path, total_images: int = 64, *extra: str) -> lis
             "--train.total_images", str(total_images), *extra]
 
 
+# A plain progress line of a training run (`--train.progress lines`, the default off a terminal).
+PROGRESS_LINE = re.compile(r"\S+  \d+/\d+ img \(\d+%\)  \d+ img/s(  loss \S+)?  elapsed \S+  left \S+")
+
+
 def cli_env() -> dict[str, str]:
     """Environment for CLI subprocesses: one thread each, the session's classifier cache."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env.pop("SCM_PROGRESS", None)
-    return env
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
 def run_cli(module: str, *args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -159,25 +162,6 @@ def assert_tensors_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tens
 
 # ---------------------------------------------------------------------------------------------
 # Shard sets
-
-
-def read_set(folder: Path) -> tuple[dict, dict[str, np.ndarray], dict[str, int]]:
-    """(manifest json, key -> uint8 CHW image, key -> label) read with tarfile + PIL only."""
-    manifest = json.loads((folder / "manifest.json").read_text())
-    images: dict[str, np.ndarray] = {}
-    labels: dict[str, int] = {}
-    for shard in manifest["shards"]:
-        with tarfile.open(folder / shard) as tf:
-            for member in tf:
-                key, ext = member.name.split(".", 1)
-                data = tf.extractfile(member).read()
-                if ext == "png":
-                    arr = np.asarray(Image.open(io.BytesIO(data)))
-                    images[key] = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-                else:
-                    assert ext == "cls"
-                    labels[key] = int(data.decode("ascii"))
-    return manifest, images, labels
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:

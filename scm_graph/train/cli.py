@@ -1,9 +1,14 @@
-"""`python -m scm_graph.train specs/NAME.py [--resume] [--field.sub value ...]` (or `just train`)."""
+"""`python -m scm_graph.train specs/NAME.py [--resume] [--ignore-checksum] [--field.sub value ...]` (or `just train`).
+
+Every value is checked (`scm_graph.spec.validate`) and the run folder is checked before anything is
+built; progress shows as a bar on a terminal and as a plain line every `--train.progress_every_s`
+seconds otherwise (`--train.progress bar|lines|off` to choose).
+"""
 
 from __future__ import annotations
 
-import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from scm_graph.data.manifest import resolve_spec
@@ -15,29 +20,39 @@ from scm_graph.specfile import apply_overrides, read_spec_file
 from scm_graph.train.loop import CKPT, train
 
 
-def parse_args(argv: list[str]) -> tuple[Spec, Path, bool]:
+@dataclass(frozen=True)
+class Args:
+    spec: Spec
+    """The resolved, checked spec."""
+    out: Path
+    resume: bool
+    verify: bool
+    """Check checkpoint checksums on load (off with --ignore-checksum)."""
+
+
+def parse_args(argv: list[str]) -> Args:
     if not argv or argv[0] in ("-h", "--help") and len(argv) == 1:
-        print("usage: python -m scm_graph.train SPEC.py [--resume] [--field.sub VALUE ...]\n"
+        print("usage: python -m scm_graph.train SPEC.py [--resume] [--ignore-checksum] [--field.sub VALUE ...]\n"
               "       python -m scm_graph.train SPEC.py --help   (every field with its help text)")
         raise SystemExit(0 if argv else 2)
     path, rest = argv[0], argv[1:]
     if path.startswith("-"):
         raise UserError(f"the first argument must be a spec file, got {path}")
-    resume = "--resume" in rest
-    rest = [a for a in rest if a != "--resume"]
+    resume, verify = "--resume" in rest, "--ignore-checksum" not in rest
+    rest = [a for a in rest if a not in ("--resume", "--ignore-checksum")]
     spec = apply_overrides(read_spec_file(path), rest, prog=f"python -m scm_graph.train {path}")
-    manifest = open_shards(spec.data)
-    spec = resolve_spec(spec, manifest)
-    validate(spec)
+    validate(spec)  # every value, before the shards are opened
+    spec = resolve_spec(spec, open_shards(spec.data))
+    validate(spec)  # and the values the manifest filled in
     check_net(spec)
-    out = Path(spec.train.out or f"runs/{spec.name}")
-    return spec, out, resume
+    return Args(spec, Path(spec.train.out or f"runs/{spec.name}"), resume, verify)
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    spec, out, resume = parse_args(sys.argv[1:] if argv is None else argv)
-    summary = train(spec, out, resume=resume, progress=sys.stderr.isatty() or os.environ.get("SCM_PROGRESS") == "1")
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    spec, out = a.spec, a.out
+    summary = train(spec, out, resume=a.resume, verify=a.verify)
     fds = "  ".join(f"{k} {v:.3f}" for k, v in summary.items() if k.startswith("fd_"))
     print(f"done: {summary['images']} images in {summary['wall_s']:.0f} s -> {out / CKPT}  {fds}")
 

@@ -1,10 +1,12 @@
 """The training loop: `train(spec, out, resume)`, driven by `python -m scm_graph.train` (scm_graph.train.cli).
 
 Per step: a batch from the shards, noise and times drawn here (outside the compiled step), one
-TrainStep, the EMA. Every few images: a JSONL metrics line, a sample grid, an atomic checkpoint, and
-(for the digits) the FD of 1- and 2-step samples. `--resume` continues the run folder's checkpoint and
-reproduces the uninterrupted run's losses exactly: the data stream, noise generator, dropout keys,
-optimiser, fp16 loss scaler and EMA all continue from the saved state.
+TrainStep, the EMA. Every few images, in this order: a JSONL metrics line, an atomic checkpoint, then
+the optional work (a sample grid; for the digits the FD of 1- and 2-step samples), so a failure in the
+optional work never loses trained state; the checkpoint records what was still due and `--resume`
+finishes it. `--resume` continues the run folder's checkpoint and reproduces the uninterrupted run
+exactly: the data stream, noise generator, dropout keys, optimiser, fp16 loss scaler and EMA all
+continue from the saved state. The run folder's layout and housekeeping live in `scm_graph.train.rundir`.
 
 Non-finite values: samples with a non-finite tangent are masked by the objective and counted
 (`nonfinite` in each metrics line, one console warning the first time); steps whose update was
@@ -18,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,21 +34,29 @@ from scm_graph.device import pick_device
 from scm_graph.errors import UserError
 from scm_graph.model import TrigFlowModel, build_model, copy_params, num_params
 from scm_graph.objectives import StepInputs
+from scm_graph.progress import Progress
 from scm_graph.sample.generate import Generator, generate, to_uint8
 from scm_graph.sample.grid import save_grid
 from scm_graph.spec import Spec, spec_from_json, spec_to_json
 from scm_graph.train.ema import EMA, ema_beta
+from scm_graph.train.rundir import (
+    CKPT,
+    METRICS,
+    keep_copy,
+    prepare,
+    read_records,
+    truncate_metrics,
+)
 from scm_graph.train.step import StepOut, TrainStep
 
-CKPT = "ckpt.safetensors"
-METRICS = "metrics.jsonl"
 T_BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, math.pi / 2)  # per-t-bucket loss edges
 NONFINITE_PATIENCE = 10  # consecutive steps without an update (non-finite) before the run stops
 
 # Fields a resumed run may change; everything else must match the checkpoint's spec.
 RESUMABLE = {"train.total_images", "train.time_limit_s", "train.log_every_images", "train.sample_every_images",
              "train.ckpt_every_images", "train.eval_every_images", "train.eval_samples", "train.compile",
-             "train.device", "train.precision", "train.out", "data.workers", "data.root"}
+             "train.device", "train.precision", "train.out", "train.keep_last", "train.progress", "train.progress_every_s",
+             "data.workers", "data.root"}
 
 
 def draw_inputs(b: Batch, gen: torch.Generator, spec: Spec, step: int, images: int, device: torch.device) -> StepInputs:
@@ -128,7 +138,9 @@ def is_digits(spec: Spec) -> bool:
 
 def evaluate_fd(g: Generator, n: int, seed: int = 0) -> dict[str, float]:
     """Digits FD of 1- and 2-step samples (consistency) or 32-step Heun (diffusion), via scm_graph.eval."""
-    from scm_graph.eval.evaluator import evaluate  # loads the digits classifier: only when a run evaluates
+    from scm_graph.eval.evaluator import (
+        evaluate,  # loads the digits classifier: only when a run evaluates
+    )
 
     if g.is_consistency:
         return {f"fd_{r.steps}step": r.fd for r in evaluate(g, [1, 2], n, seed=seed)}
@@ -138,7 +150,7 @@ def evaluate_fd(g: Generator, n: int, seed: int = 0) -> dict[str, float]:
 class Run:
     """The state of one training run and the side effects around the step."""
 
-    def __init__(self, spec: Spec, out: Path, resume: bool):
+    def __init__(self, spec: Spec, out: Path, resume: bool, verify: bool = True):
         self.spec, self.out = spec, out
         self.device = pick_device(spec.train.device)
         t = spec.train
@@ -149,6 +161,9 @@ class Run:
         self.gen = torch.Generator(device=self.device).manual_seed(t.seed)
         self.step = self.images = 0
         self.wall = 0.0
+        self.verify = verify
+        self.saved_meta: dict = {}  # the resumed checkpoint's meta (what it had still to do, its last metrics)
+        self.saved_images = -1  # the count of the newest checkpoint on disk
         if resume:
             self._load(out / CKPT)
         elif t.init_from:
@@ -156,7 +171,7 @@ class Run:
 
     # --- state in and out -------------------------------------------------------------------
     def _init_from(self, path: str) -> None:
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, verify=self.verify)
         try:
             copy_params(self.model, ckpt.ema if ckpt.ema is not None else ckpt.net)
         except ValueError as e:
@@ -164,7 +179,7 @@ class Run:
         self.ema = EMA(self.model)
 
     def _load(self, path: Path) -> None:
-        ckpt = load_checkpoint(path, map_location=self.device)
+        ckpt = load_checkpoint(path, map_location=self.device, verify=self.verify)
         check_resumable(spec_from_json(ckpt.spec_json), self.spec, path)
         copy_params(self.model, ckpt.net)
         self.ema.load(ckpt.ema)
@@ -174,6 +189,7 @@ class Run:
         self.gen.set_state(ckpt.rng["noise"])
         torch.set_rng_state(ckpt.rng["torch_cpu"])
         self.step, self.images, self.wall = ckpt.step, ckpt.images, float(ckpt.meta.get("wall_s", 0.0))
+        self.saved_meta, self.saved_images = ckpt.meta, ckpt.images
         truncate_metrics(self.out / METRICS, self.images)
 
     def save(self, extra: dict | None = None) -> None:
@@ -193,6 +209,8 @@ class Run:
             meta={"objective": self.spec.objective.kind, "wall_s": self.wall, **(extra or {})},
         )
         save_checkpoint(self.out / CKPT, ckpt)
+        self.saved_images = self.images
+        keep_copy(self.out, self.images, self.spec.train.keep_last)
 
     def generator(self) -> Generator:
         with torch.random.fork_rng(devices=[]):  # building a model must not move the global RNG
@@ -204,12 +222,39 @@ class Run:
         with open(self.out / METRICS, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
+    def grid_path(self) -> Path:
+        return self.out / "grids" / f"grid-{self.images:012d}.png"
+
     def grid(self) -> Path:
         g = self.generator()
         steps = 2 if g.is_consistency else 18
-        path = self.out / "grids" / f"grid-{self.images:012d}.png"
-        save_grid(to_uint8(generate(g, 64, steps=steps, seed=self.spec.train.seed), self.spec), path)
-        return path
+        save_grid(to_uint8(generate(g, 64, steps=steps, seed=self.spec.train.seed), self.spec), self.grid_path())
+        return self.grid_path()
+
+    def evaluate(self) -> dict[str, float]:
+        """FD of the EMA's samples, logged as an 'eval' event."""
+        fd = evaluate_fd(self.generator(), self.spec.train.eval_samples)
+        self.log({"event": "eval", "images": self.images, **fd})
+        return fd
+
+    def optional_work(self, grid: bool, evaluate: bool, last: dict) -> None:
+        """The grid and the evaluation due at this count, after the checkpoint that holds the trained state.
+
+        Idempotent (a grid on disk or an eval in the log at this count is not redone), so a resumed run
+        finishes what a killed one had still to do; the global RNG is left as the checkpoint saved it.
+        """
+        try:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                if grid and not self.grid_path().exists():
+                    self.grid()
+                if evaluate:
+                    done = [r for r in read_records(self.out / METRICS) if r.get("event") == "eval" and r["images"] == self.images]
+                    last.update({k: v for k, v in done[-1].items() if k.startswith("fd_")} if done else self.evaluate())
+        except UserError as e:
+            if self.saved_images == self.images:
+                raise UserError(f"{e} (the trained state at {self.images} images is saved in {self.out / CKPT}; "
+                                "--resume finishes this work)") from None
+            raise
 
 
 def check_resumable(saved: Spec, now: Spec, path: Path) -> None:
@@ -233,63 +278,45 @@ def _flat(d: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def truncate_metrics(path: Path, images: int) -> None:
-    """Drop metric lines written after the checkpoint (a crash between checkpoints), atomically."""
-    if not path.exists():
-        return
-    keep = []
-    for ln in path.read_text().splitlines():
-        try:
-            rec = json.loads(ln)
-        except json.JSONDecodeError:  # a line torn by the crash
-            continue
-        if rec.get("images", 0) <= images:
-            keep.append(ln)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
-
-
 def _every(images_before: int, images_after: int, every: int) -> bool:
     return every > 0 and images_after // every > images_before // every
 
 
-def train(spec: Spec, out: Path, resume: bool = False, progress: bool = True) -> dict:
-    """Run (or continue) training; returns the final summary record."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+def train(spec: Spec, out: Path, resume: bool = False, progress: bool = True, verify: bool = True) -> dict:
+    """Run (or continue) training; returns the final summary record.
 
+    At each count that is due: the metrics line, then the checkpoint, then the optional work (grid,
+    evaluation), so nothing optional can lose trained state. `progress=False` silences the progress
+    display (warnings still print); otherwise `train.progress` decides. `verify` checks checkpoint checksums.
+    """
     t = spec.train
-    if resume and not (out / CKPT).exists():
-        raise UserError(f"--resume: no checkpoint {out / CKPT}")
-    if not resume and (out / CKPT).exists():
-        raise UserError(f"{out} already holds a run; pass --resume to continue it or --train.out to start elsewhere")
-    out.mkdir(parents=True, exist_ok=True)
-    stale = out / METRICS
-    if not resume and stale.exists():  # a run that died before its first checkpoint: keep its log aside
-        stale.rename(out / f"{METRICS}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
-    run = Run(spec, out, resume)
+    for note in prepare(out, resume):
+        print(note, file=sys.stderr, flush=True)
+    run = Run(spec, out, resume, verify)
     stream = batches(spec.data, spec.objective.sigma_d, t.batch, t.seed, start_images=run.images)
     if not resume:
         run.log({"event": "start", "images": 0, "params": num_params(run.model), "device": str(run.device),
                  "spec": json.loads(spec_to_json(spec))})
+    last = dict(run.saved_meta.get("last", {}))
+    ended = [r for r in read_records(out / METRICS) if r.get("event") == "end" and r["images"] == run.images]
+    if resume and ended and run.images >= t.total_images:
+        return ended[-1]  # this run had already finished
+    due = run.saved_meta.get("due", {})
+    run.optional_work(due.get("grid", False), due.get("eval", False), last)  # what a killed run had still to do
     meter = Meter(run.device)
-    cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("img"),
-            TextColumn("{task.fields[ips]:>8.0f} img/s  loss {task.fields[loss]:.4g}"), TimeElapsedColumn(),
-            TimeRemainingColumn()]
     rate_t0, rate_img0 = time.perf_counter(), run.images
     t_start, wall0 = time.perf_counter(), run.wall
-    last = {}
     warned, stalled = False, 0  # non-finite: announced yet?  consecutive steps without an update
-    with Progress(*cols, disable=not progress, transient=False) as bar:
-        task = bar.add_task(spec.name, total=t.total_images, completed=run.images, ips=0.0, loss=float("nan"))
+    mode = t.progress if progress else "off"
+    with Progress(spec.name, t.total_images, run.images, mode, t.progress_every_s) as bar:
         while run.images < t.total_images:
             inp = draw_inputs(next(stream), run.gen, spec, run.step, run.images, run.device)
             out_step = run.step_fn(inp)
             if out_step.n_nonfinite and not warned:
                 warned = True
-                bar.console.print(f"warning: step {run.step + 1}: {out_step.n_nonfinite} of {len(out_step.nonfinite)} samples "
-                                  "had a non-finite tangent or prediction and were masked (loss weight 0); "
-                                  "metrics.jsonl counts them under 'nonfinite'", markup=False, highlight=False, soft_wrap=True)
+                bar.note(f"warning: step {run.step + 1}: {out_step.n_nonfinite} of {len(out_step.nonfinite)} samples "
+                         "had a non-finite tangent or prediction and were masked (loss weight 0); "
+                         "metrics.jsonl counts them under 'nonfinite'")
             stalled = stalled + 1 if out_step.skipped and not out_step.loss_scale_overflow else 0
             if stalled >= NONFINITE_PATIENCE:  # raise before the EMA, the metrics or a checkpoint see this step
                 why = ("every sample had a non-finite tangent or prediction" if out_step.n_nonfinite == len(out_step.nonfinite)
@@ -310,17 +337,14 @@ def train(spec: Spec, out: Path, resume: bool = False, progress: bool = True) ->
                 r = float(inp.r)
                 last = {"images": run.images, "step": run.step, **rec, "r": r, "img_per_s": round(ips, 1), "wall_s": round(run.wall, 2)}
                 run.log(last)
-                bar.update(task, completed=run.images, ips=ips, loss=math.nan if rec["loss"] is None else rec["loss"])
+                bar.update(run.images, rate=ips, loss=math.nan if rec["loss"] is None else rec["loss"])
             else:
-                bar.update(task, completed=run.images)
-            if _every(before, run.images, t.sample_every_images) or done:
-                run.grid()
-            if is_digits(spec) and (_every(before, run.images, t.eval_every_images) or done):
-                fd = evaluate_fd(run.generator(), t.eval_samples)
-                run.log({"event": "eval", "images": run.images, **fd})
-                last.update(fd)
+                bar.update(run.images)
+            grid = _every(before, run.images, t.sample_every_images) or done
+            evaluate = is_digits(spec) and (_every(before, run.images, t.eval_every_images) or done)
             if _every(before, run.images, t.ckpt_every_images) or done:
-                run.save({"last": last})
+                run.save({"last": last, "due": {"grid": grid, "eval": evaluate}})  # the trained state first
+            run.optional_work(grid, evaluate, last)
             if stop:
                 break
     summary = {"event": "end", "images": run.images, "step": run.step, "wall_s": round(run.wall, 2),

@@ -41,7 +41,6 @@ def golden_losses(spec: str, shard_root: Path, out: Path) -> list[float]:
     """Per-step losses of the first STEPS steps of `specs/<spec>.py` (eager, fp32, CPU, one thread)."""
     batch = _batch(spec)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env.pop("SCM_PROGRESS", None)
     cmd = [sys.executable, "-m", "scm_graph.train", f"specs/{spec}.py", "--train.compile", "false",
            "--train.precision", "fp32", "--train.device", "cpu", "--train.total_images", str(STEPS * batch),
            "--train.log_every_images", str(batch), "--train.eval_samples", "64",
