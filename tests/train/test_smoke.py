@@ -14,7 +14,7 @@ from scm_graph.checkpoint import load_checkpoint
 from scm_graph.spec import spec_from_json
 from tests.helpers import SPECS, STEP_KEYS, read_metrics, run_cli, step_records, tiny_args
 
-SMOKE = ["digits_sct", "digits_diffusion", "cifar10_sct", "cifar10_diffusion"]
+SMOKE = ["digits_sct", "digits_diffusion", "cifar10_sct", "cifar10_diffusion", "my_images_sct"]
 ATTN_SMOKE = ["digits_sct_attn", "digits_dit"]  # test_smoke_run_attention_nets_bf16
 
 
