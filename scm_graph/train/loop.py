@@ -114,6 +114,20 @@ class Meter:
         self.n += 1
         self.skipped += int(out.skipped)
 
+    def state(self) -> dict:
+        """The running sums as JSON with their dtypes (a checkpoint between two metrics lines carries them; exact)."""
+        return {"n": self.n, "skipped": self.skipped,
+                "sums": {k: [str(v.dtype).removeprefix("torch."), v.cpu().flatten().tolist()] for k, v in self.sums.items()}}
+
+    def load(self, state: dict | None) -> None:
+        """Continue the sums of `state()` (none: start empty)."""
+        if not state:
+            return
+        self.n, self.skipped = int(state["n"]), int(state["skipped"])
+        shapes = {"bucket_sum": (len(T_BUCKETS) - 1,), "bucket_n": (len(T_BUCKETS) - 1,)}
+        self.sums = {k: torch.tensor(v, dtype=getattr(torch, dtype), device=self.device).reshape(shapes.get(k, ()))
+                     for k, (dtype, v) in state["sums"].items()}
+
     def flush(self) -> dict:
         s = {k: v.cpu() for k, v in self.sums.items()}
         applied, n_ok = self.n - self.skipped, float(s["n_samples_ok"])
@@ -304,6 +318,7 @@ def train(spec: Spec, out: Path, resume: bool = False, progress: bool = True, ve
     due = run.saved_meta.get("due", {})
     run.optional_work(due.get("grid", False), due.get("eval", False), last)  # what a killed run had still to do
     meter = Meter(run.device)
+    meter.load(run.saved_meta.get("meter"))  # the steps since the last metrics line, when the checkpoint fell between two
     rate_t0, rate_img0 = time.perf_counter(), run.images
     t_start, wall0 = time.perf_counter(), run.wall
     warned, stalled = False, 0  # non-finite: announced yet?  consecutive steps without an update
@@ -343,7 +358,7 @@ def train(spec: Spec, out: Path, resume: bool = False, progress: bool = True, ve
             grid = _every(before, run.images, t.sample_every_images) or done
             evaluate = is_digits(spec) and (_every(before, run.images, t.eval_every_images) or done)
             if _every(before, run.images, t.ckpt_every_images) or done:
-                run.save({"last": last, "due": {"grid": grid, "eval": evaluate}})  # the trained state first
+                run.save({"last": last, "due": {"grid": grid, "eval": evaluate}, "meter": meter.state()})  # the trained state first
             run.optional_work(grid, evaluate, last)
             if stop:
                 break
