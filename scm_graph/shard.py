@@ -17,7 +17,7 @@ from scm_graph.data.cifar10 import cifar10_source
 from scm_graph.data.digits import digits_source
 from scm_graph.data.folder import folder_source
 from scm_graph.data.source import Source, skipped_summary
-from scm_graph.data.writer import check_destination, write_set
+from scm_graph.data.writer import check_destination, remove_dead_temps_of, write_set
 from scm_graph.errors import ArgumentParser, UserError, cli_main
 
 
@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--shard-size must be positive, not {args.shard_size}")
     name = _default_name(args)
     check_destination(Path(args.out), name, args.force)
+    removed = remove_dead_temps_of(Path(args.out), name)
+    if removed:
+        print(f"tidied {args.out}: removed {len(removed)} unfinished copy(ies) of {name} left by killed writes", flush=True)
     t0 = time.perf_counter()
     source = _make_source(args)
     if source.skipped:

@@ -55,8 +55,8 @@ def tiny_args(root: Path, out: Path, total_images: int = 64, *extra: str) -> lis
             "--train.total_images", str(total_images), *extra]
 
 
-# A plain progress line of a training run (`--train.progress lines`, the default off a terminal).
-PROGRESS_LINE = re.compile(r"\S+  \d+/\d+ img \(\d+%\)  \d+ img/s(  loss \S+)?  elapsed \S+  left \S+")
+# A plain progress line (training: `--train.progress lines`, the default off a terminal; shard writing too).
+PROGRESS_LINE = re.compile(r"\S.*?  \d+/\d+ img \(\d+%\)  \d+ img/s(  loss \S+)?  elapsed \S+  left \S+")
 
 
 def cli_env() -> dict[str, str]:

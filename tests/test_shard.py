@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from scm_graph.shard import main
-from tests.helpers import assert_user_error, run_cli
+from tests.helpers import PROGRESS_LINE, assert_user_error, run_cli
 
 
 def test_main_missing_src_is_one_line(tmp_path: Path, capsys):
@@ -95,7 +95,8 @@ def test_folder_cli_prints_one_skipped_line(tmp_path: Path, capsys):
     main(["folder", "--src", str(src), "--resolution", "8", "--out", str(tmp_path / "out")])
     out = capsys.readouterr()
     lines = out.out.splitlines()
-    assert out.err == "" and len(lines) == 2, out
+    assert len(lines) == 2, out
+    assert [PROGRESS_LINE.fullmatch(ln) is not None for ln in out.err.splitlines()] == [True], out.err  # stderr is no terminal
     assert lines[0] == "skipped 3 files: 2 .txt, 1 hidden (.DS_Store, notes.txt, todo.txt)"
     assert lines[1].startswith("wrote 3 images 3x8x8 (no labels) in 1 shard(s)"), lines[1]
 
@@ -132,3 +133,19 @@ def test_out_under_a_read_only_folder(tmp_path: Path, capsys, monkeypatch):
         assert list(ro.iterdir()) == []
     finally:
         ro.chmod(0o755)
+
+
+def test_unfinished_copies_of_killed_writes_are_removed_once(tmp_path: Path, capsys):
+    """A killed `shard` leaves `.<name>.tmp-<pid>-<hex>` (and, mid-swap, `.<name>.old-...`); the next write of that
+    set removes those whose writer is gone, and nothing else."""
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    out = tmp_path / "shards"
+    junk = [out / f".digits.tmp-{dead}-0123abcd", out / f".digits.old-{dead}-89abcdef"]
+    keep = [out / f".digits.tmp-{os.getpid()}-0123abcd", out / f".other.tmp-{dead}-0123abcd", out / "mine"]
+    for p in junk + keep:
+        p.mkdir(parents=True)
+        (p / "shard-000000.tar").write_bytes(b"x")
+    main(["digits", "--out", str(out)])
+    said = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("tidied")]
+    assert said == [f"tidied {out}: removed 2 unfinished copy(ies) of digits left by killed writes"]
+    assert not any(p.exists() for p in junk) and all(p.exists() for p in keep)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import secrets
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,8 @@ from PIL import Image
 from scm_graph.data.manifest import CHECKSUM, MANIFEST, Manifest, sample_digest
 from scm_graph.data.source import Source
 from scm_graph.errors import UserError
+from scm_graph.paths import pid_alive
+from scm_graph.progress import Progress
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -87,18 +89,21 @@ def check_destination(out: Path, name: str, force: bool) -> Path:
     return dest
 
 
-def _progress(enabled: bool):
-    """A rich progress bar on an interactive stdout (a no-op otherwise)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def _progress(enabled: bool, total: int) -> Progress:
+    """A bar on a terminal, a plain line every 30 s otherwise (a long folder under nohup), nothing when disabled."""
+    return Progress("writing shards", total, mode="auto" if enabled else "off", every_s=30.0)
 
-    return Progress(
-        TextColumn("[bold]writing shards"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        disable=not (enabled and sys.stdout.isatty()),
-        transient=True,
-    )
+
+def remove_dead_temps_of(out: Path, name: str) -> list[Path]:
+    """Remove the temp and old folders of set `name` in `out` that a killed writer left; returns them."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.(?:tmp|old)-([1-9][0-9]*)-[0-9a-f]{{8}}")
+    removed = []
+    for p in sorted(out.iterdir()) if out.is_dir() else []:
+        m = pattern.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink() and not pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 def _write_shards(
@@ -113,8 +118,7 @@ def _write_shards(
     width = max(8, len(str(source.count)))
     writer = None
     index = 0
-    with _progress(progress) as bar:
-        task = bar.add_task("write", total=source.count)
+    with _progress(progress, source.count) as bar:
         try:
             for image, label in source.samples:
                 if image.shape != source.shape or image.dtype != np.uint8:
@@ -134,7 +138,7 @@ def _write_shards(
                 moments.add(image)
                 counts[-1] += 1
                 index += 1
-                bar.advance(task)
+                bar.update(index)
         except OSError as e:  # the shard being written is the likely culprit when the error names no file
             raise _write_error(e, folder / names[-1] if names else folder) from None
         finally:

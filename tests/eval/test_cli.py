@@ -105,13 +105,16 @@ def test_cli_missing_checkpoint(tmp_path: Path):
     assert_user_error(res, "nope.safetensors")
 
 
-@pytest.mark.parametrize("args,needle", [(["--n", "1"], "--n"), (["--steps", "0"], "--steps")])
-def test_cli_bad_values(sct_ckpt: Path, capsys, args, needle):
+@pytest.mark.parametrize("args,message", [
+    (["--n", "1"], "--n must be at least 2, not 1"),
+    (["--steps", "0"], "--steps must each be at least 1, not 0"),
+    (["--steps", "2", "-1"], "--steps must each be at least 1, not 2 -1"),
+])
+def test_cli_bad_values(sct_ckpt: Path, capsys, args, message):
     with pytest.raises(SystemExit) as e:
         ev_cli.main(["--ckpt", str(sct_ckpt), *args])
     assert e.value.code == 2
-    err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert capsys.readouterr().err.splitlines() == [f"error: {message}"]
 
 
 @pytest.mark.parametrize("args,needles", [
