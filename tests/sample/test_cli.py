@@ -266,3 +266,16 @@ def test_cli_argparse_errors_say_what_is_wrong(tmp_path: Path, capsys, monkeypat
     else:
         assert msg == f"error: {message}"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_unwritable_out_folder_even_as_root(tmp_path: Path, sct_ckpt: Path, capsys, no_sampling, monkeypatch):
+    """The permission check itself (root ignores mode bits, so the file system cannot show it there)."""
+    import scm_graph.paths as paths
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(paths.os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))
+    msg = _main_error(capsys, "--ckpt", str(sct_ckpt), "--out", str(ro / "g.png"))
+    assert msg == f"error: --out {ro}: the folder is not writable"
+    assert list(ro.iterdir()) == []
