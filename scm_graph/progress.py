@@ -40,6 +40,7 @@ class Progress:
         self.done0 = done
         self._bar = None
         self.lines = 0  # plain lines printed
+        self.done_last = done  # `done` at the previous line
 
     def __enter__(self) -> "Progress":
         if self.mode == "bar":
@@ -84,10 +85,12 @@ class Progress:
 
     def _line(self) -> None:
         now = time.monotonic()
-        self.last, self.lines = now, self.lines + 1
         elapsed = now - self.t0
-        speed = (self.done - self.done0) / elapsed if elapsed > 0 else 0.0
+        # the speed since the previous line (a first step that compiles does not skew every later estimate)
+        t_ref, done_ref = (self.last, self.done_last) if self.lines else (self.t0, self.done0)
+        speed = (self.done - done_ref) / (now - t_ref) if now > t_ref else 0.0
         left = (self.total - self.done) / speed if speed > 0 else math.inf
+        self.last, self.done_last, self.lines = now, self.done, self.lines + 1
         pct = 100.0 * self.done / self.total if self.total else 100.0
         loss = f"  loss {self.loss:.4g}" if math.isfinite(self.loss) else ""
         print(f"{self.name}  {self.done}/{self.total} {self.unit} ({pct:.0f}%)  {speed:.0f} {self.unit}/s{loss}  "

@@ -73,3 +73,16 @@ def test_bar_on_a_terminal_draws_and_notes_without_plain_lines(clock):
     text = out.getvalue()
     assert "warning: kept" in text and "run" in text and "5/10" in text
     assert not any(PROGRESS_LINE.fullmatch(ln) for ln in text.splitlines())
+
+
+def test_lines_estimate_from_the_speed_since_the_previous_line(clock):
+    """A first step that compiles for minutes must not make every later estimate absurd."""
+    out = io.StringIO()
+    with Progress("run", total=10_000, mode="lines", every_s=10, stream=out) as p:
+        clock[0] += 300
+        p.update(100)  # compiled for 5 minutes: 0.33 img/s so far
+        clock[0] += 10
+        p.update(1100)  # then 100 img/s
+    first, second = out.getvalue().splitlines()
+    assert first == "run  100/10000 img (1%)  0 img/s  elapsed 0:05:00  left 8:15:00"
+    assert second == "run  1100/10000 img (11%)  100 img/s  elapsed 0:05:10  left 0:01:29"
