@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     args = _build_parser().parse_args(argv)
     if args.shard_size <= 0:
         raise UserError(f"--shard-size must be positive, not {args.shard_size}")
+    if getattr(args, "jobs", 1) < 1:
+        raise UserError(f"--jobs must be at least 1, not {args.jobs}")
     name = _default_name(args)
     check_destination(Path(args.out), name, args.force)
     removed = remove_dead_temps_of(Path(args.out), name)

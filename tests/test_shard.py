@@ -149,3 +149,11 @@ def test_unfinished_copies_of_killed_writes_are_removed_once(tmp_path: Path, cap
     said = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("tidied")]
     assert said == [f"tidied {out}: removed 2 unfinished copy(ies) of digits left by killed writes"]
     assert not any(p.exists() for p in junk) and all(p.exists() for p in keep)
+
+
+@pytest.mark.parametrize("jobs", ["0", "-3"])
+def test_folder_jobs_below_one_is_one_line(tmp_path: Path, capsys, jobs: str, monkeypatch):
+    monkeypatch.setattr("scm_graph.shard._make_source", _no_source)
+    with pytest.raises(SystemExit) as e:
+        main(["folder", "--src", str(tmp_path), "--resolution", "8", "--jobs", jobs, "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and capsys.readouterr().err == f"error: --jobs must be at least 1, not {jobs}\n"

@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from scm_graph.checkpoint import read_metadata
 from scm_graph.data.manifest import resolve_spec
 from scm_graph.data.stream import open_shards
 from scm_graph.errors import UserError, cli_main
@@ -45,6 +46,8 @@ def parse_args(argv: list[str]) -> Args:
     spec = resolve_spec(spec, open_shards(spec.data))
     validate(spec)  # and the values the manifest filled in
     check_net(spec)
+    if spec.train.init_from and not resume:
+        read_metadata(spec.train.init_from, verify=verify)  # a bad teacher path fails before the run folder exists
     return Args(spec, Path(spec.train.out or f"runs/{spec.name}"), resume, verify)
 
 

@@ -185,3 +185,12 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path: Path, shard_root
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
     default = run_cli("scm_graph.train", SPECS / "digits_sct.py", *tiny_args(shard_root, tmp_path / "default", 64))
     assert [PROGRESS_LINE.fullmatch(ln) is not None for ln in default.stderr.splitlines()] == [True]  # the first step only
+
+
+def test_a_bad_init_from_fails_before_the_run_folder_exists(tmp_path: Path, shard_root: Path):
+    bad = tmp_path / "teacher.safetensors"
+    bad.write_text("not a checkpoint")
+    res = run_cli("scm_graph.train", SPECS / "digits_sct.py",
+                  *tiny_args(shard_root, tmp_path / "run", 16, "--train.init_from", str(bad)))
+    assert assert_user_error(res).startswith(f"error: checkpoint {bad} is not a safetensors file")
+    assert not (tmp_path / "run").exists()
