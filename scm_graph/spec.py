@@ -137,6 +137,8 @@ class ObjectiveSpec:
     """Tangent warmup: r grows linearly 0 -> 1 over this many images (paper: 10k iterations x 512)."""
     adaptive_weighting: bool = True
     """Learn w_phi(t) jointly (Eq. 8); off = unit weighting."""
+    label_dropout: Annotated[float, Check(ge=0, lt=1)] = 0.1
+    """Class-conditional diffusion: probability that a sample's label is replaced by the null class, so the model also learns the unconditional velocity classifier-free guidance needs (ignored by other objectives)."""
 
 
 @dataclass(frozen=True)
@@ -243,10 +245,17 @@ def _upgrade_net(net: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Fields whose value was fixed before they existed: a spec written without one had this value, not today's default.
+LEGACY_VALUES: dict[tuple[str, str], Any] = {("objective", "label_dropout"): 0.0}
+
+
 def spec_from_json(text: str) -> Spec:
     d = json.loads(text)
     if isinstance(d.get("net"), dict):
         d["net"] = _upgrade_net(d["net"])
+    for (section, name), value in LEGACY_VALUES.items():
+        if isinstance(d.get(section), dict):
+            d[section].setdefault(name, value)
     return _from_dict(Spec, d)
 
 

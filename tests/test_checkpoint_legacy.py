@@ -30,8 +30,10 @@ ARGS = {
     "unet_sct": ["digits_sct.py", "--net.unet.channels", "4", "--net.unet.emb_mult", "2", "--net.unet.channel_mult", "1", "2",
                  "--net.unet.num_blocks", "1", "--net.unet.norm_groups", "4", "--net.unet.attn_resolutions", "4",
                  "--net.unet.head_dim", "4"],
+    # label dropout (classifier-free guidance) came later: the old run had none, and --resume insists on the same value
     "dit_diffusion": ["digits_diffusion.py", "--net.arch", "dit", "--net.dit.width", "16", "--net.dit.depth", "1",
-                      "--net.dit.head_dim", "8", "--net.dit.patch_size", "2", "--net.dit.emb_mult", "1"],
+                      "--net.dit.head_dim", "8", "--net.dit.patch_size", "2", "--net.dit.emb_mult", "1",
+                      "--objective.label_dropout", "0"],
 }
 COMMON = ["--train.batch", "16", "--train.log_every_images", "16", "--train.eval_every_images", "0",
           "--train.eval_samples", "64", "--train.sample_every_images", "1000000", "--train.compile", "false",

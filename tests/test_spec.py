@@ -285,3 +285,11 @@ def test_defaults_and_spec_files_are_valid():
     validate(Spec())
     for path in SPEC_FILES:
         validate(read_spec_file(path))
+
+
+def test_label_dropout_of_specs_written_before_it_existed_is_zero():
+    """A run written before label dropout had none: its spec JSON reads as 0, not today's default 0.1."""
+    d = json.loads(spec_to_json(Spec()))
+    del d["objective"]["label_dropout"]
+    assert spec_from_json(json.dumps(d)).objective.label_dropout == 0.0
+    assert spec_from_json(spec_to_json(Spec())).objective.label_dropout == Spec().objective.label_dropout == 0.1

@@ -34,7 +34,8 @@ class PositionalEmbedding(nn.Module):
 class ConditionEmbedding(nn.Module):
     """[B] c_noise (+ [B] labels, + [B] guidance scale) -> [B, emb_channels] float32 embedding.
 
-    `num_classes > 0` adds a class input (one-hot through a bias-free linear layer); `guidance` adds
+    `num_classes > 0` adds a class input (one-hot through a bias-free linear layer; label -1 is the null
+    class of classifier-free guidance, a zero one-hot, as EDM2 does); `guidance` adds
     the CFG-scale input s of guided distillation (sCM Sec. 6, after Meng et al. 2023), zero-initialised
     so a network gains it without changing its output.
     """
@@ -57,7 +58,9 @@ class ConditionEmbedding(nn.Module):
             if self.label is not None:
                 if class_labels is None:
                     raise ValueError("this network is class-conditional: pass class_labels")
-                emb = emb + self.label(F.one_hot(class_labels, self.num_classes).to(emb.dtype))
+                known = (class_labels >= 0).unsqueeze(1)  # a negative label is the null class (CFG): a zero one-hot
+                one_hot = F.one_hot(class_labels.clamp(min=0), self.num_classes) * known
+                emb = emb + self.label(one_hot.to(emb.dtype))
             if self.guidance is not None:
                 if guidance is None:
                     raise ValueError("this network is guidance-conditional: pass guidance (the CFG scale s, shape [B])")

@@ -25,7 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--npz", help="also write the raw samples (uint8 NCHW under 'samples', model units under 'x') here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", action="store_true", help="use the training weights instead of the EMA")
-    p.add_argument("--label", type=int, help="class label for all samples (class-conditional models)")
+    p.add_argument("--label", type=int, nargs="+", help="class labels for the samples, cycled (class-conditional models; default: all classes in turn)")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="classifier-free guidance scale s for a class-conditional diffusion model (1 = none; its training used label dropout)")
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--device", default="auto")
     p.add_argument("--ignore-checksum", action="store_true", help="load a checkpoint whose data does not match its checksum")
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     for flag, v in (("--n", a.n), ("--batch", a.batch), ("--steps", a.steps)):
         if v < 1:
             raise UserError(f"{flag} must be at least 1, not {v}")
+    if not (math.isfinite(a.guidance) and a.guidance >= 0):
+        raise UserError(f"--guidance must be a finite number >= 0, not {a.guidance}")
     if a.times and any(not 0 < t <= math.pi / 2 for t in a.times):
         raise UserError(f"--times must lie in (0, pi/2], not {' '.join(map(str, a.times))}")
     if a.times and any(b >= c for c, b in zip(a.times, a.times[1:])):
@@ -46,15 +50,22 @@ def main(argv: list[str] | None = None) -> None:
     if a.label is not None:
         if not g.spec.net.class_conditional:
             raise UserError("--label given but this model is unconditional")
-        if not 0 <= a.label < g.spec.data.num_classes:
-            raise UserError(f"--label must be in [0, {g.spec.data.num_classes})")
-        labels = torch.full((a.n,), a.label, dtype=torch.int64)
-    x = generate(g, a.n, steps=a.steps, times=a.times, solver=a.solver, seed=a.seed, batch=a.batch, labels=labels)
+        bad = [v for v in a.label if not 0 <= v < g.spec.data.num_classes]
+        if bad:
+            raise UserError(f"--label must be in [0, {g.spec.data.num_classes}), not {bad[0]}")
+        labels = torch.tensor(a.label, dtype=torch.int64).repeat(a.n // len(a.label) + 1)[: a.n]
+    if a.guidance != 1.0:
+        if not g.spec.net.class_conditional:
+            raise UserError("--guidance needs a class-conditional model; this one is unconditional")
+        if g.is_consistency:
+            raise UserError("--guidance applies to diffusion models here (a consistency model takes no guided velocity)")
+    x = generate(g, a.n, steps=a.steps, times=a.times, solver=a.solver, seed=a.seed, batch=a.batch, labels=labels,
+                 guidance=a.guidance)
     imgs = to_uint8(x, g.spec)
     save_grid(imgs, out)
     if npz is not None:
         write_atomic(npz, lambda f: np.savez(f, samples=imgs.numpy(), x=x.numpy()))
     what = f"{len(a.times)} given times" if a.times else f"{a.steps} step(s)"
-    kind = "consistency" if g.is_consistency else f"PF-ODE {a.solver}"
+    kind = "consistency" if g.is_consistency else f"PF-ODE {a.solver}" + (f", guidance {a.guidance:g}" if a.guidance != 1.0 else "")
     print(f"wrote {a.out} ({a.n} samples, {kind}, {what}{', ' + a.npz if a.npz else ''})")
 

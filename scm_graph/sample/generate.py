@@ -58,8 +58,12 @@ def generate(
     seed: int = 0,
     batch: int = 1024,
     labels: Tensor | None = None,
+    guidance: float = 1.0,
 ) -> Tensor:
-    """n samples in model units on the CPU. Deterministic in `seed` (noise drawn on the CPU)."""
+    """n samples in model units on the CPU. Deterministic in `seed` (noise drawn on the CPU).
+
+    Class-conditional models get `labels` (default: a spread over all classes); `guidance` s != 1 follows
+    the classifier-free-guided velocity (diffusion models; their training used label dropout)."""
     d = g.spec.data
     shape = (d.channels, d.resolution, d.resolution)
     if g.spec.net.class_conditional and labels is None:
@@ -77,7 +81,7 @@ def generate(
             noise = [torch.randn(b, *shape, generator=gen).to(g.device) for _ in times]
             x = sample_consistency(g.model, noise, times, lab)
         else:
-            x = sample_ode(g.model, torch.randn(b, *shape, generator=gen).to(g.device), times, solver, lab)
+            x = sample_ode(g.model, torch.randn(b, *shape, generator=gen).to(g.device), times, solver, lab, guidance)
         out.append(x.float().cpu())
     return torch.cat(out)
 

@@ -3,7 +3,8 @@
 Consistency models (Song et al. 2023, Alg. 1 multistep; sCM Sec. 6): x = sigma_d n at t_max,
 x0 = f(x, t_max), then for each later t_i: x = cos t_i x0 + sin t_i sigma_d n, x0 = f(x, t_i).
 Diffusion models integrate dx_t/dt = sigma_d F(x_t / sigma_d, t) from t_max to 0 (Euler or Heun) on the
-EDM time grid (rho = 7, sigma in [0.002, 80]) mapped to TrigFlow by t = arctan(sigma / sigma_d).
+EDM time grid (rho = 7, sigma in [0.002, 80]) mapped to TrigFlow by t = arctan(sigma / sigma_d); a
+class-conditional one trained with label dropout can follow the guided F_u + s (F_c - F_u) instead.
 """
 
 from __future__ import annotations
@@ -47,9 +48,15 @@ def _times(x: Tensor, t: float) -> Tensor:
     return torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
 
 
-def _F(model: TrigFlowModel, x: Tensor, t: float, labels: Tensor | None) -> Tensor:
-    """F_theta(x / sigma_d, t) at one time for the whole batch."""
-    return model(x, _times(x, t), labels)
+def _F(model: TrigFlowModel, x: Tensor, t: float, labels: Tensor | None, guidance: float = 1.0) -> Tensor:
+    """F_theta(x / sigma_d, t) at one time for the whole batch; with labels and guidance s != 1 the
+    classifier-free-guided F_u + s (F_c - F_u), both passes in one batched call (null label -1)."""
+    if labels is None or guidance == 1.0:
+        return model(x, _times(x, t), labels)
+    xx = torch.cat([x, x])
+    F = model(xx, _times(xx, t), torch.cat([labels, torch.full_like(labels, -1)]))
+    F_c, F_u = F.chunk(2)
+    return F_u + guidance * (F_c - F_u)  # CFG (Ho & Salimans 2022) on the velocity
 
 
 @torch.no_grad()
@@ -65,16 +72,18 @@ def sample_consistency(model: TrigFlowModel, noise: list[Tensor], times: list[fl
 
 
 @torch.no_grad()
-def sample_ode(model: TrigFlowModel, noise: Tensor, times: list[float], solver: str = "heun", labels: Tensor | None = None) -> Tensor:
-    """Integrate the PF-ODE dx/dt = sigma_d F (Eq. 3) over `times` (decreasing, ending at 0)."""
+def sample_ode(model: TrigFlowModel, noise: Tensor, times: list[float], solver: str = "heun", labels: Tensor | None = None,
+               guidance: float = 1.0) -> Tensor:
+    """Integrate the PF-ODE dx/dt = sigma_d F (Eq. 3) over `times` (decreasing, ending at 0); `guidance` s
+    follows the classifier-free-guided velocity of a class-conditional model trained with label dropout."""
     sd = model.sigma_d
     x = sd * noise
     for t_cur, t_next in zip(times[:-1], times[1:]):
         h = t_next - t_cur
-        d = trigflow.pf_ode_velocity(_F(model, x, t_cur, labels), sd)
+        d = trigflow.pf_ode_velocity(_F(model, x, t_cur, labels, guidance), sd)
         x_next = x + h * d  # Euler
         if solver == "heun" and t_next > 0:
-            d2 = trigflow.pf_ode_velocity(_F(model, x_next, t_next, labels), sd)
+            d2 = trigflow.pf_ode_velocity(_F(model, x_next, t_next, labels, guidance), sd)
             x_next = x + h * 0.5 * (d + d2)  # Heun (trapezoidal) correction
         x = x_next
     return x

@@ -67,6 +67,9 @@ def draw_inputs(b: Batch, gen: torch.Generator, spec: Spec, step: int, images: i
     tau = torch.randn(x0.shape[0], generator=gen, device=device) * o.P_std + o.P_mean
     t = trigflow.sample_t(tau, o.sigma_d)  # t = arctan(e^tau / sigma_d)
     labels = b.label.to(device) if (b.label is not None and spec.net.class_conditional) else None
+    if labels is not None and o.kind == "diffusion" and o.label_dropout > 0:  # CFG: some labels -> the null class (-1)
+        drop = torch.rand(labels.shape, generator=gen, device=device) < o.label_dropout
+        labels = torch.where(drop, torch.full_like(labels, -1), labels)
     key = torch.tensor((spec.train.seed << 32) + step, dtype=torch.int64, device=device)  # seed < 2^31: no overflow
     r = 1.0 if o.warmup_images <= 0 else min(1.0, images / o.warmup_images)  # tangent warmup ratio
     return StepInputs(x0, z, t, labels, key, torch.tensor(r, dtype=torch.float32, device=device))
@@ -275,9 +278,11 @@ def check_resumable(saved: Spec, now: Spec, path: Path) -> None:
     """Every field outside RESUMABLE must equal the checkpoint's (the unused architecture's section aside);
     one-line UserError naming the first that differs."""
     a, b = _flat(dataclasses.asdict(saved)), _flat(dataclasses.asdict(now))
-    unused = "net.dit." if now.net.arch == "unet" else "net.unet."
+    unused = ["net.dit." if now.net.arch == "unet" else "net.unet."]
+    if now.objective.kind != "diffusion" or not now.net.class_conditional:
+        unused.append("objective.label_dropout")  # read by class-conditional diffusion only
     for k, v in a.items():
-        if v != b[k] and k not in RESUMABLE and not k.startswith(unused):
+        if v != b[k] and k not in RESUMABLE and not any(k.startswith(u) for u in unused):
             raise UserError(f"--resume: {k} differs from the checkpoint {path} ({v!r} vs {b[k]!r})")
 
 

@@ -44,3 +44,17 @@ def test_time_embedding_and_modulation_stay_float32_under_autocast(arch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         m(torch.randn(2, 1, 8, 8), torch.rand(2) + 0.1, torch.tensor([1, 2]))
     assert seen == {"emb": torch.float32, "modulation": torch.float32, "body": torch.bfloat16}
+
+
+def test_null_label_is_a_zero_one_hot():
+    """Label -1 (classifier-free guidance's null class) adds nothing: the embedding of c_noise alone."""
+    from scm_graph.nets.embedding import ConditionEmbedding
+
+    torch.manual_seed(0)
+    emb = ConditionEmbedding(16, 32, num_classes=5)
+    c = torch.rand(4)
+    out = emb(c, torch.tensor([-1, 2, -1, 4]))
+    plain = torch.nn.functional.silu(emb.fc1(torch.nn.functional.silu(emb.fc0(emb.noise(c)))))
+    torch.testing.assert_close(out[[0, 2]], plain[[0, 2]], rtol=0, atol=0)
+    with_label = torch.nn.functional.silu(emb.fc1(torch.nn.functional.silu(emb.fc0(emb.noise(c) + emb.label.weight.T[[0, 2, 0, 4]]))))
+    torch.testing.assert_close(out[[1, 3]], with_label[[1, 3]], rtol=1e-6, atol=1e-6)

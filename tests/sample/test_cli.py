@@ -237,7 +237,7 @@ def test_cli_label_on_conditional(tmp_path: Path, cond_ckpt: Path):
 def test_cli_label_out_of_range(tmp_path: Path, cond_ckpt: Path, capsys, label):
     msg = _main_error(capsys, "--ckpt", str(cond_ckpt), "--label", label, "--out", str(tmp_path / "g.png"))
     assert "--label" in msg
-    assert msg == "error: --label must be in [0, 10)"
+    assert msg == f"error: --label must be in [0, 10), not {label}"
 
 
 @pytest.mark.parametrize("args,needles", [
@@ -279,3 +279,40 @@ def test_cli_unwritable_out_folder_even_as_root(tmp_path: Path, sct_ckpt: Path, 
     msg = _main_error(capsys, "--ckpt", str(sct_ckpt), "--out", str(ro / "g.png"))
     assert msg == f"error: --out {ro}: the folder is not writable"
     assert list(ro.iterdir()) == []
+
+
+
+# ----------------------------------------------------------------------------- labels and classifier-free guidance
+
+
+@pytest.fixture(scope="module")
+def cond_diffusion_ckpt(tmp_path_factory, shard_root: Path, scm_cache) -> Path:
+    """A class-conditional tiny digits diffusion run with label dropout (the default 0.1)."""
+    from tests.helpers import train_tiny
+
+    return train_tiny("digits_diffusion.py", shard_root, tmp_path_factory.mktemp("run") / "cond_diff", 16,
+                       "--net.class_conditional", "true")
+
+
+def test_cli_guided_sampling_follows_cfg(tmp_path: Path, cond_diffusion_ckpt: Path):
+    """--guidance s gives exactly the sampler run on F_u + s (F_c - F_u); s = 1 is the plain conditional one."""
+    g = load_generator(cond_diffusion_ckpt, device="cpu")
+    labels = torch.tensor([3, 4, 3, 4])
+    for s in (1.0, 1.5):
+        cli.main(["--ckpt", str(cond_diffusion_ckpt), "--steps", "3", "--n", "4", "--label", "3", "4", "--guidance", str(s),
+                  "--out", str(tmp_path / "g.png"), "--npz", str(tmp_path / f"s{s}.npz")])
+        want = generate(g, 4, steps=3, seed=0, labels=labels, guidance=s)
+        torch.testing.assert_close(torch.from_numpy(_npz(tmp_path / f"s{s}.npz")["x"]), want, rtol=0, atol=0)
+    assert not np.array_equal(_npz(tmp_path / "s1.0.npz")["x"], _npz(tmp_path / "s1.5.npz")["x"])
+
+
+@pytest.mark.parametrize("which,args,message", [
+    ("cond_diffusion_ckpt", ["--guidance", "-1"], "--guidance must be a finite number >= 0, not -1.0"),
+    ("cond_diffusion_ckpt", ["--guidance", "nan"], "--guidance must be a finite number >= 0, not nan"),
+    ("sct_ckpt", ["--guidance", "2"], "--guidance needs a class-conditional model; this one is unconditional"),
+    ("cond_ckpt", ["--guidance", "2"], "--guidance applies to diffusion models here (a consistency model takes no guided velocity)"),
+    ("cond_diffusion_ckpt", ["--label", "3", "10"], "--label must be in [0, 10), not 10"),
+])
+def test_cli_guidance_errors(request, tmp_path: Path, capsys, which, args, message):
+    ckpt = request.getfixturevalue(which)
+    assert _main_error(capsys, "--ckpt", str(ckpt), "--out", str(tmp_path / "g.png"), *args) == f"error: {message}"

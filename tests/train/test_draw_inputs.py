@@ -1,6 +1,7 @@
 """`draw_inputs`, the randomness of one train step, against its documented distributions:
 z ~ N(0, sigma_d^2), tau = log(sigma_d tan t) ~ N(P_mean, P_std^2), r = min(1, images / warmup_images)
-(1 when warmup_images <= 0), dropout key seed * 1_000_003 + step, labels only for a class-conditional net."""
+(1 when warmup_images <= 0), dropout key (seed << 32) + step, labels only for a class-conditional net, and for
+class-conditional diffusion label dropout to the null class -1 with probability objective.label_dropout."""
 
 from __future__ import annotations
 
@@ -112,3 +113,26 @@ def test_labels_only_for_class_conditional_nets():
     cond = _draw(_spec(class_conditional=True), b).labels
     assert cond is not None and torch.equal(cond, b.label) and cond.dtype == torch.int64
     assert _draw(_spec(class_conditional=False), _batch(labelled=False)).labels is None
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_label_dropout_for_class_conditional_diffusion(p: float):
+    """Each label becomes the null class -1 with probability p, independently; the other draws are unchanged."""
+    B = 4000
+    b = Batch(torch.zeros(B, 1, 8, 8), torch.arange(B) % 10)
+    spec = _spec(class_conditional=True, kind="diffusion", label_dropout=p)
+    inp = _draw(spec, b)
+    null = inp.labels == -1
+    assert torch.equal(inp.labels[~null], b.label[~null])
+    se = math.sqrt(p * (1 - p) / B)
+    assert abs(null.float().mean().item() - p) < 4 * se
+    base = _draw(_spec(class_conditional=True, kind="diffusion", label_dropout=0.0), b)
+    assert torch.equal(base.labels, b.label)  # p = 0: no draw, no change
+    torch.testing.assert_close(inp.z, base.z, rtol=0, atol=0)  # drawn after z and t: those stay as they were
+    torch.testing.assert_close(inp.t, base.t, rtol=0, atol=0)
+
+
+def test_no_label_dropout_outside_class_conditional_diffusion():
+    b = _batch()
+    assert torch.equal(_draw(_spec(class_conditional=True, kind="sct", label_dropout=0.5), b).labels, b.label)
+    assert _draw(_spec(class_conditional=False, kind="diffusion", label_dropout=0.5), b).labels is None

@@ -376,3 +376,15 @@ def test_meter_state_round_trip_is_exact():
     empty = tr.Meter(torch.device("cpu"))
     empty.load(None)
     assert empty.n == 0 and empty.sums == {}
+
+
+def test_resume_ignores_label_dropout_where_it_is_not_read():
+    """label_dropout is read by class-conditional diffusion only: elsewhere a resumed spec may differ in it."""
+    base = tiny_spec(class_conditional=True)
+    def with_(kind: str, p: float, cond: bool = True):
+        return dataclasses.replace(base, net=dataclasses.replace(base.net, class_conditional=cond),
+                                   objective=dataclasses.replace(base.objective, kind=kind, label_dropout=p))
+    tr.check_resumable(with_("sct", 0.0), with_("sct", 0.1), Path("c"))
+    tr.check_resumable(with_("diffusion", 0.0, cond=False), with_("diffusion", 0.1, cond=False), Path("c"))
+    with pytest.raises(UserError, match=r"objective.label_dropout differs from the checkpoint c \(0.0 vs 0.1\)"):
+        tr.check_resumable(with_("diffusion", 0.0), with_("diffusion", 0.1), Path("c"))
