@@ -20,7 +20,7 @@ from scm_graph.nets.dit import check_config as check_dit
 from scm_graph.nets.embedding import PositionalEmbedding
 from scm_graph.nets.unet import UNet
 from scm_graph.nets.unet import check_config as check_unet
-from scm_graph.spec import Spec
+from scm_graph.spec import Spec, distils_guidance
 
 
 class AdaptiveWeight(nn.Module):
@@ -46,8 +46,15 @@ class TrigFlowModel(nn.Module):
         self.w_phi = w_phi
         self.sigma_d = float(sigma_d)
 
-    def forward(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None, dropout_key: Tensor | None = None) -> Tensor:
-        return self.net(x_t / self.sigma_d, trigflow.c_noise(t), labels, dropout_key)  # F_theta(x_t / sigma_d, c_noise(t))
+    def forward(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None, dropout_key: Tensor | None = None,
+                guidance: Tensor | None = None) -> Tensor:
+        """F_theta(x_t / sigma_d, c_noise(t), labels, s); `guidance` ([B] CFG scales) only for a guidance-distilled student."""
+        return self.net(x_t / self.sigma_d, trigflow.c_noise(t), labels, dropout_key, guidance)  # F_theta(x_t / sigma_d, c_noise(t))
+
+    @property
+    def takes_guidance(self) -> bool:
+        """Whether the network takes the CFG scale s as an input (a guidance-distilled sCD student)."""
+        return getattr(self.net.emb, "guidance", None) is not None
 
 
 def check_net(spec: Spec) -> None:
@@ -77,11 +84,12 @@ def build_model(spec: Spec) -> TrigFlowModel:
         raise ValueError("build_model needs a resolved spec (data.resolution / data.channels)")
     check_net(spec)
     num_classes = d.num_classes if n.class_conditional else 0
+    common = dict(dropout=n.dropout, num_classes=num_classes, guidance_conditional=distils_guidance(spec))
     net: nn.Module
     if n.arch == "dit":
-        net = DiT(d.resolution, d.channels, **dataclasses.asdict(n.dit), dropout=n.dropout, num_classes=num_classes)
+        net = DiT(d.resolution, d.channels, **dataclasses.asdict(n.dit), **common)
     elif n.arch == "unet":
-        net = UNet(d.resolution, d.channels, **dataclasses.asdict(n.unet), dropout=n.dropout, num_classes=num_classes)
+        net = UNet(d.resolution, d.channels, **dataclasses.asdict(n.unet), **common)
     else:
         raise ValueError(f"unknown net.arch {n.arch!r}: expected 'unet' or 'dit'")
     return TrigFlowModel(net, AdaptiveWeight(), spec.objective.sigma_d)
@@ -91,14 +99,20 @@ def num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+# Parameters a student may lack in its teacher's weights: zero-initialised, so the student starts as the teacher.
+ZERO_INIT_EXTRAS = ("net.emb.guidance.",)
+
+
 @torch.no_grad()
-def copy_params(dst: nn.Module, src: dict[str, Tensor]) -> None:
-    """Load `src` into `dst` by name; one-line ValueError listing what does not match."""
+def copy_params(dst: nn.Module, src: dict[str, Tensor], allow_missing: tuple[str, ...] = ()) -> None:
+    """Load `src` into `dst` by name; one-line ValueError listing what does not match. Parameters whose
+    names start with one of `allow_missing` may be absent from `src` and keep their values."""
     own = dict(dst.named_parameters())
-    missing = sorted(set(own) - set(src))
+    missing = sorted(k for k in set(own) - set(src) if not k.startswith(allow_missing))
     bad = [k for k in own if k in src and own[k].shape != src[k].shape]
     if missing or bad:
         what = (missing or bad)[:3]
         raise ValueError(f"weights do not match this network ({len(missing)} missing, {len(bad)} mis-shaped, e.g. {what})")
     for k, p in own.items():
-        p.copy_(src[k])
+        if k in src:
+            p.copy_(src[k])

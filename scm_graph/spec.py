@@ -121,8 +121,8 @@ LEGACY_NET_FIELDS: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class ObjectiveSpec:
-    kind: Literal["sct", "diffusion"] = "sct"
-    """'sct': continuous-time consistency training (Algorithm 1); 'diffusion': TrigFlow diffusion (Eq. 4)."""
+    kind: Literal["sct", "scd", "diffusion"] = "sct"
+    """'sct': continuous-time consistency training (Algorithm 1); 'scd': its distillation of a diffusion teacher (objective.teacher); 'diffusion': TrigFlow diffusion (Eq. 4)."""
     sigma_d: Annotated[float, POSITIVE] = 0.5
     """Data standard deviation sigma_d."""
     P_mean: float = -1.0
@@ -137,6 +137,16 @@ class ObjectiveSpec:
     """Tangent warmup: r grows linearly 0 -> 1 over this many images (paper: 10k iterations x 512)."""
     adaptive_weighting: bool = True
     """Learn w_phi(t) jointly (Eq. 8); off = unit weighting."""
+    teacher: str = ""
+    """sCD: the teacher, a diffusion checkpoint of ours ('trigflow') or the weights (.safetensors) of an EDM denoiser ('edm')."""
+    teacher_kind: Literal["trigflow", "edm"] = "trigflow"
+    """sCD: 'trigflow' = a diffusion checkpoint written by scm_graph; 'edm' = an EDM-parameterised denoiser D(x, sigma, labels) built by teacher_factory (scm_graph.teacher)."""
+    teacher_factory: str = ""
+    """sCD with an 'edm' teacher: 'path/to/file.py:function' returning the denoiser module (weights from objective.teacher)."""
+    init_from_teacher: bool = True
+    """sCD: start the student from the teacher's EMA weights (diffusion finetuning, as the paper; a 'trigflow' teacher with the student's network)."""
+    guidance: Annotated[tuple[float, float], Check(ge=0)] = (1.0, 2.0)
+    """sCD of a class-conditional teacher: the student takes the CFG scale s as an input, s ~ U[guidance] in training (paper: [1, 2])."""
     label_dropout: Annotated[float, Check(ge=0, lt=1)] = 0.1
     """Class-conditional diffusion: probability that a sample's label is replaced by the null class, so the model also learns the unconditional velocity classifier-free guidance needs (ignored by other objectives)."""
 
@@ -259,10 +269,22 @@ def spec_from_json(text: str) -> Spec:
     return _from_dict(Spec, d)
 
 
+def distils_guidance(spec: Spec) -> bool:
+    """sCD of a class-conditional teacher: the student takes the CFG scale s as an input (sCM Sec. 6)."""
+    return spec.objective.kind == "scd" and spec.net.class_conditional
+
+
 def validate(spec: Spec) -> None:
     """Every field against the valid values written next to it, then the few rules that join fields;
     the first problem is a one-line UserError (network shapes are checked where networks are built)."""
     problems = field_problems(spec)
+    o = spec.objective
+    if not problems and o.guidance[0] > o.guidance[1]:
+        problems.append(f"objective.guidance must be (low, high) with low <= high, not {o.guidance}")
+    if not problems and o.kind == "scd" and not o.teacher:
+        problems.append("objective.kind 'scd' needs a teacher: set objective.teacher to its checkpoint")
+    if not problems and o.kind == "scd" and o.teacher_kind == "edm" and not o.teacher_factory:
+        problems.append("objective.teacher_kind 'edm' needs objective.teacher_factory ('file.py:function' building the denoiser)")
     d = spec.data
     for stat in ("mean", "std"):
         values = getattr(d, stat, ())

@@ -212,6 +212,8 @@ FREE_FIELDS = {
     "data.mean": "per-channel means in stored units: any finite numbers (their count is checked by validate)",
     "train.init_from": "a checkpoint path, empty = none (checked when the checkpoint is read)",
     "train.out": "a run folder, empty = runs/<name> (checked when the run folder is made)",
+    "objective.teacher": "a checkpoint or weights path (validate requires one for sCD; checked when it is read)",
+    "objective.teacher_factory": "'file.py:function' (checked by scm_graph.teacher.load_denoiser when it loads)",
 }
 
 

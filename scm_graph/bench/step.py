@@ -21,7 +21,7 @@ from scm_graph.model import build_model, num_params
 from scm_graph.objectives import StepInputs
 from scm_graph.paths import output_file
 from scm_graph.precision import AMP_DTYPES
-from scm_graph.spec import Spec, validate
+from scm_graph.spec import Spec, distils_guidance, validate
 from scm_graph.specfile import read_spec_file
 from scm_graph.train.step import TrainStep
 
@@ -42,7 +42,11 @@ def time_step(spec: Spec, kind: str, compile: bool, batch: int, steps: int, warm
                                train=dataclasses.replace(spec.train, precision=precision))
     torch.manual_seed(0)
     model = build_model(spec).to(dev).train()
-    step = TrainStep(model, spec, compile=compile)
+    teacher = None
+    if kind == "scd":  # a frozen teacher of the same network (its weights do not matter for the timing)
+        t_spec = dataclasses.replace(spec, objective=dataclasses.replace(spec.objective, kind="diffusion"))
+        teacher = build_model(t_spec).to(dev).eval().requires_grad_(False)
+    step = TrainStep(model, spec, compile=compile, teacher=teacher)
     d = spec.data
     g = torch.Generator(device=dev).manual_seed(0)
     shape = (batch, d.channels, d.resolution, d.resolution)
@@ -54,6 +58,7 @@ def time_step(spec: Spec, kind: str, compile: bool, batch: int, steps: int, warm
         labels,
         torch.tensor(1, device=dev),
         torch.tensor(0.5, device=dev),
+        1 + torch.rand(batch, generator=g, device=dev) if distils_guidance(spec) else None,  # sCD: the CFG scale s
     )
     t0 = time.perf_counter()
     for _ in range(warmup):
@@ -73,12 +78,17 @@ def time_step(spec: Spec, kind: str, compile: bool, batch: int, steps: int, warm
 MODES = ("eager", "compiled")
 
 
+def consistency_kind(spec: Spec) -> str:
+    """The consistency objective timed beside diffusion: the spec's own ('sct' or 'scd'), else 'sct'."""
+    return spec.objective.kind if spec.objective.kind != "diffusion" else "sct"
+
+
 def bench_step(spec: Spec, batch: int, steps: int, warmup: int, dev: torch.device, rounds: int = 3,
                precisions: tuple[str, ...] = ("fp32",), modes: tuple[str, ...] = MODES) -> list[StepTiming]:
     rows = []
     for precision in precisions:
         for mode in modes:
-            for kind in ("sct", "diffusion"):
+            for kind in (consistency_kind(spec), "diffusion"):
                 torch._dynamo.reset()
                 rows.append(time_step(spec, kind, mode == "compiled", batch, steps, warmup, dev, rounds, precision))
                 r = rows[-1]
@@ -115,16 +125,18 @@ def step_table(rows: list[StepTiming], spec_path: str, spec: Spec, batch: int, d
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     best = modes[-1]
-    for kind in ("sct", "diffusion"):
+    ck = consistency_kind(spec)
+    for kind in (ck, "diffusion"):
         for p in precisions:
             e, c = by.get((kind, p, "eager")), by.get((kind, p, "compiled"))
             vs = _ratio(by.get((kind, p, best)), by.get((kind, "fp32", best)), speed=True)
             lines.append(f"| {kind} | {p} | {cell(e, 'ips')} | {cell(c, 'ips')} | {_ratio(c, e, speed=True)} | {vs} | "
                          f"{cell(e, 'warm')} / {cell(c, 'warm')} |")
-    lines += ["", "| mode | precision | sCT step time / diffusion step time |", "|---|---|---:|"]
+    name = {"sct": "sCT", "scd": "sCD"}[ck]
+    lines += ["", f"| mode | precision | {name} step time / diffusion step time |", "|---|---|---:|"]
     for mode in modes:
         for p in precisions:
-            lines.append(f"| {mode} | {p} | {_ratio(by.get(('sct', p, mode)), by.get(('diffusion', p, mode)), speed=False)} |")
+            lines.append(f"| {mode} | {p} | {_ratio(by.get((ck, p, mode)), by.get(('diffusion', p, mode)), speed=False)} |")
     lines += ["", "(The paper's sCD step costs about 2x a diffusion step; the arithmetic floor is about 1.33x.)", ""]
     return "\n".join(lines)
 

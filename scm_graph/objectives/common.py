@@ -12,6 +12,7 @@ All of it is tensor arithmetic (no data-dependent Python branches), so it compil
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -24,6 +25,7 @@ class StepInputs:
     labels: Tensor | None  # [B] int64 class labels, or None
     dropout_key: Tensor  # [] int64
     r: Tensor  # [] float32 tangent-warmup ratio in [0, 1]
+    guidance: Tensor | None = None  # [B] CFG scales s of guidance distillation (sCD), or None
 
 
 @dataclass

@@ -15,6 +15,8 @@ all are reported in `nonfinite`.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
@@ -36,7 +38,7 @@ def tangent(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, x_t: T
     cos, sin = torch.cos(t), torch.sin(t)
 
     def F_minus_fn(x: Tensor, t_in: Tensor) -> Tensor:
-        return functional_call(model, theta_minus, (x, t_in, inp.labels, inp.dropout_key))  # F_theta^-(x / sigma_d, t)
+        return functional_call(model, theta_minus, (x, t_in, inp.labels, inp.dropout_key, inp.guidance))  # F_theta^-(x / sigma_d, t)
 
     cs = trigflow.expand(cos * sin, x_t)
     # JVP along (dx_t/dt, 1), pre-scaled by cos t sin t (Sec. 5.1 rearrangement); the model divides by sigma_d
@@ -57,18 +59,26 @@ def normalize_tangent(g: Tensor, cfg: ObjectiveSpec) -> tuple[Tensor, Tensor]:
 
 
 def sct_loss(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, cfg: ObjectiveSpec) -> ObjectiveOut:
+    """sCT: the tangent follows the unbiased estimate dx_t/dt = cos t z - sin t x0."""
+    return consistency_loss(model, params, inp, cfg, lambda x_t, inp: trigflow.velocity(inp.x0, inp.z, inp.t))
+
+
+def consistency_loss(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, cfg: ObjectiveSpec,
+                     dxt_of: Callable[[Tensor, StepInputs], Tensor]) -> ObjectiveOut:
+    """Algorithm 1 with the PF-ODE velocity `dxt_of(x_t, inp)`: the data's estimate (sCT) or a teacher's (sCD)."""
     # Non-finite data is masked *before* both passes, so the JVP pass and the gradient pass still see
     # identical inputs (Inductor shares their forward work; masking x_t between them cost 17%).
     ok = finite_samples(inp.x0, inp.z, inp.t)
-    inp = StepInputs(zero_unless(ok, inp.x0), zero_unless(ok, inp.z), zero_unless(ok, inp.t), inp.labels, inp.dropout_key, inp.r)
+    inp = StepInputs(zero_unless(ok, inp.x0), zero_unless(ok, inp.z), zero_unless(ok, inp.t), inp.labels, inp.dropout_key,
+                     inp.r, inp.guidance)
     x_t = trigflow.noisy(inp.x0, inp.z, inp.t)  # x_t = cos t x0 + sin t z
-    dxt = trigflow.velocity(inp.x0, inp.z, inp.t)  # sCT: dx_t/dt = cos t z - sin t x0 (unbiased)
+    dxt = dxt_of(x_t, inp)  # dx_t/dt
     F_minus, g = tangent(model, params, inp, x_t, dxt, cfg)
     ok = ok & finite_samples(F_minus, g)  # non-finite tangents are masked, never trained on
     F_minus, g = zero_unless(ok, F_minus), zero_unless(ok, g)
     with fp32_region(g):
         g, g_norm = normalize_tangent(g, cfg)
-    F = functional_call(model, params, (x_t, inp.t, inp.labels, inp.dropout_key)).to(g.dtype)  # F_theta(x_t / sigma_d, t)
+    F = functional_call(model, params, (x_t, inp.t, inp.labels, inp.dropout_key, inp.guidance)).to(g.dtype)  # F_theta(x_t / sigma_d, t)
     with fp32_region(g):
         ok = ok & finite_samples(F)
         F = zero_unless(ok, F)  # a select: masked samples pass back zero gradient

@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     if a.guidance != 1.0:
         if not g.spec.net.class_conditional:
             raise UserError("--guidance needs a class-conditional model; this one is unconditional")
-        if g.is_consistency:
-            raise UserError("--guidance applies to diffusion models here (a consistency model takes no guided velocity)")
+        if g.is_consistency and not g.model.takes_guidance:
+            raise UserError("--guidance applies to diffusion models and guidance-distilled sCD students; this consistency "
+                            "model takes no guidance")
     x = generate(g, a.n, steps=a.steps, times=a.times, solver=a.solver, seed=a.seed, batch=a.batch, labels=labels,
                  guidance=a.guidance)
     imgs = to_uint8(x, g.spec)

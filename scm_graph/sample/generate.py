@@ -63,7 +63,8 @@ def generate(
     """n samples in model units on the CPU. Deterministic in `seed` (noise drawn on the CPU).
 
     Class-conditional models get `labels` (default: a spread over all classes); `guidance` s != 1 follows
-    the classifier-free-guided velocity (diffusion models; their training used label dropout)."""
+    the classifier-free-guided velocity (diffusion models; their training used label dropout), or is the
+    CFG-scale input of a guidance-distilled sCD student."""
     d = g.spec.data
     shape = (d.channels, d.resolution, d.resolution)
     if g.spec.net.class_conditional and labels is None:
@@ -79,7 +80,7 @@ def generate(
         lab = None if labels is None else labels[start : start + b].to(g.device)
         if g.is_consistency:
             noise = [torch.randn(b, *shape, generator=gen).to(g.device) for _ in times]
-            x = sample_consistency(g.model, noise, times, lab)
+            x = sample_consistency(g.model, noise, times, lab, guidance)
         else:
             x = sample_ode(g.model, torch.randn(b, *shape, generator=gen).to(g.device), times, solver, lab, guidance)
         out.append(x.float().cpu())

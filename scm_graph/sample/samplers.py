@@ -50,7 +50,10 @@ def _times(x: Tensor, t: float) -> Tensor:
 
 def _F(model: TrigFlowModel, x: Tensor, t: float, labels: Tensor | None, guidance: float = 1.0) -> Tensor:
     """F_theta(x / sigma_d, t) at one time for the whole batch; with labels and guidance s != 1 the
-    classifier-free-guided F_u + s (F_c - F_u), both passes in one batched call (null label -1)."""
+    classifier-free-guided F_u + s (F_c - F_u), both passes in one batched call (null label -1); a
+    guidance-distilled sCD student takes s as an input instead."""
+    if getattr(model, "takes_guidance", False):
+        return model(x, _times(x, t), labels, None, torch.full((x.shape[0],), guidance, device=x.device, dtype=x.dtype))
     if labels is None or guidance == 1.0:
         return model(x, _times(x, t), labels)
     xx = torch.cat([x, x])
@@ -60,14 +63,16 @@ def _F(model: TrigFlowModel, x: Tensor, t: float, labels: Tensor | None, guidanc
 
 
 @torch.no_grad()
-def sample_consistency(model: TrigFlowModel, noise: list[Tensor], times: list[float], labels: Tensor | None = None) -> Tensor:
-    """Multistep consistency sampling; `noise[i]` are unit normals, one per time."""
+def sample_consistency(model: TrigFlowModel, noise: list[Tensor], times: list[float], labels: Tensor | None = None,
+                       guidance: float = 1.0) -> Tensor:
+    """Multistep consistency sampling; `noise[i]` are unit normals, one per time; `guidance` is the CFG scale
+    input of a guidance-distilled student."""
     sd = model.sigma_d
     x = sd * noise[0]  # x ~ N(0, sigma_d^2 I) at t_max
-    x0 = trigflow.consistency_fn(x, _times(x, times[0]), _F(model, x, times[0], labels), sd)
+    x0 = trigflow.consistency_fn(x, _times(x, times[0]), _F(model, x, times[0], labels, guidance), sd)
     for t_i, n in zip(times[1:], noise[1:]):
         x = math.cos(t_i) * x0 + math.sin(t_i) * sd * n  # re-noise to t_i: x = cos t_i x0 + sin t_i sigma_d n
-        x0 = trigflow.consistency_fn(x, _times(x, t_i), _F(model, x, t_i, labels), sd)
+        x0 = trigflow.consistency_fn(x, _times(x, t_i), _F(model, x, t_i, labels, guidance), sd)
     return x0
 
 

@@ -16,8 +16,9 @@ from scm_graph.data.manifest import resolve_spec
 from scm_graph.data.stream import open_shards
 from scm_graph.errors import UserError, cli_main
 from scm_graph.model import check_net
-from scm_graph.spec import Spec, validate
+from scm_graph.spec import Spec, spec_from_json, validate
 from scm_graph.specfile import apply_overrides, read_spec_file
+from scm_graph.train.distill import check_teacher
 from scm_graph.train.loop import CKPT, train
 
 
@@ -47,7 +48,10 @@ def parse_args(argv: list[str]) -> Args:
     validate(spec)  # and the values the manifest filled in
     check_net(spec)
     if spec.train.init_from and not resume:
-        read_metadata(spec.train.init_from, verify=verify)  # a bad teacher path fails before the run folder exists
+        read_metadata(spec.train.init_from, verify=verify)  # a bad path fails before the run folder exists
+    o = spec.objective
+    if o.kind == "scd" and o.teacher_kind == "trigflow":  # the teacher's spec against the student's, before any work
+        check_teacher(spec_from_json(read_metadata(o.teacher, verify=verify)["spec"]), spec, o.teacher)
     return Args(spec, Path(spec.train.out or f"runs/{spec.name}"), resume, verify)
 
 

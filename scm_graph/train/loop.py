@@ -32,12 +32,13 @@ from scm_graph.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from scm_graph.data.stream import Batch, batches
 from scm_graph.device import pick_device
 from scm_graph.errors import UserError
-from scm_graph.model import TrigFlowModel, build_model, copy_params, num_params
+from scm_graph.model import ZERO_INIT_EXTRAS, TrigFlowModel, build_model, copy_params, num_params
 from scm_graph.objectives import StepInputs
 from scm_graph.progress import Progress
 from scm_graph.sample.generate import Generator, generate, to_uint8
 from scm_graph.sample.grid import save_grid
-from scm_graph.spec import Spec, spec_from_json, spec_to_json
+from scm_graph.spec import Spec, distils_guidance, spec_from_json, spec_to_json
+from scm_graph.train.distill import init_student, load_teacher
 from scm_graph.train.ema import EMA, ema_beta
 from scm_graph.train.rundir import (
     CKPT,
@@ -72,7 +73,11 @@ def draw_inputs(b: Batch, gen: torch.Generator, spec: Spec, step: int, images: i
         labels = torch.where(drop, torch.full_like(labels, -1), labels)
     key = torch.tensor((spec.train.seed << 32) + step, dtype=torch.int64, device=device)  # seed < 2^31: no overflow
     r = 1.0 if o.warmup_images <= 0 else min(1.0, images / o.warmup_images)  # tangent warmup ratio
-    return StepInputs(x0, z, t, labels, key, torch.tensor(r, dtype=torch.float32, device=device))
+    guidance = None
+    if distils_guidance(spec):  # sCD of a CFG teacher: s ~ U[s_min, s_max] per sample (sCM Sec. 6)
+        lo, hi = o.guidance
+        guidance = lo + (hi - lo) * torch.rand(x0.shape[0], generator=gen, device=device)
+    return StepInputs(x0, z, t, labels, key, torch.tensor(r, dtype=torch.float32, device=device), guidance)
 
 
 @dataclass
@@ -173,7 +178,8 @@ class Run:
         t = spec.train
         torch.manual_seed(t.seed)
         self.model: TrigFlowModel = build_model(spec).to(self.device).train()
-        self.step_fn = TrainStep(self.model, spec)
+        self.teacher = load_teacher(spec, self.device, verify) if spec.objective.kind == "scd" else None
+        self.step_fn = TrainStep(self.model, spec, teacher=self.teacher.module if self.teacher else None)
         self.ema = EMA(self.model)
         self.gen = torch.Generator(device=self.device).manual_seed(t.seed)
         self.step = self.images = 0
@@ -185,12 +191,15 @@ class Run:
             self._load(out / CKPT)
         elif t.init_from:
             self._init_from(t.init_from)
+        elif self.teacher is not None and spec.objective.init_from_teacher:
+            init_student(self.model, self.teacher, spec)  # sCD: the student starts as the teacher
+            self.ema = EMA(self.model)
 
     # --- state in and out -------------------------------------------------------------------
     def _init_from(self, path: str) -> None:
         ckpt = load_checkpoint(path, verify=self.verify)
-        try:
-            copy_params(self.model, ckpt.ema if ckpt.ema is not None else ckpt.net)
+        try:  # a guidance-distilled student may start from a teacher without the (zero-initialised) guidance input
+            copy_params(self.model, ckpt.ema if ckpt.ema is not None else ckpt.net, allow_missing=ZERO_INIT_EXTRAS)
         except ValueError as e:
             raise UserError(f"train.init_from {path}: {e}") from None
         self.ema = EMA(self.model)

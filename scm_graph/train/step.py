@@ -40,27 +40,27 @@ def make_optimizer(params: list[nn.Parameter], cfg: OptimSpec) -> torch.optim.Op
 
 
 class TrainStep:
-    def __init__(self, model: nn.Module, spec: Spec, compile: bool | None = None):
+    def __init__(self, model: nn.Module, spec: Spec, compile: bool | None = None, teacher: nn.Module | None = None):
         self.model = model
         self.params = dict(model.named_parameters())
         self.grad_clip = spec.optim.grad_clip
         self.optimizer = make_optimizer(list(self.params.values()), spec.optim)
-        objective, cfg = get_objective(spec.objective.kind), spec.objective
+        objective, cfg = get_objective(spec.objective.kind, teacher), spec.objective  # sCD: the frozen teacher
         self.precision = spec.train.precision
         amp_dtype(self.precision)  # one-line error for an unknown precision, before any compilation
         device_type = next(iter(self.params.values())).device.type
         self.scaler = make_scaler(device_type, self.precision)  # fp16 only; a no-op otherwise
         precision = self.precision
 
-        def loss_fn(params, x0, z, t, labels, dropout_key, r):
+        def loss_fn(params, x0, z, t, labels, dropout_key, r, guidance):
             with autocast(device_type, precision):  # inside the compiled function, so Dynamo traces the casts
-                return objective(model, params, StepInputs(x0, z, t, labels, dropout_key, r), cfg).as_tuple()
+                return objective(model, params, StepInputs(x0, z, t, labels, dropout_key, r, guidance), cfg).as_tuple()
 
         compile = spec.train.compile if compile is None else compile
         self.loss_fn = torch.compile(loss_fn, fullgraph=True, dynamic=False) if compile else loss_fn
 
     def __call__(self, inp: StepInputs) -> StepOut:
-        out = ObjectiveOut(*self.loss_fn(self.params, inp.x0, inp.z, inp.t, inp.labels, inp.dropout_key, inp.r))
+        out = ObjectiveOut(*self.loss_fn(self.params, inp.x0, inp.z, inp.t, inp.labels, inp.dropout_key, inp.r, inp.guidance))
         params = list(self.params.values())
         self.scaler.scale(out.loss).backward()  # scale(): identity unless fp16
         self.scaler.unscale_(self.optimizer)  # true gradients before clipping and the norm (no-op unless fp16)

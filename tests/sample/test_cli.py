@@ -310,7 +310,8 @@ def test_cli_guided_sampling_follows_cfg(tmp_path: Path, cond_diffusion_ckpt: Pa
     ("cond_diffusion_ckpt", ["--guidance", "-1"], "--guidance must be a finite number >= 0, not -1.0"),
     ("cond_diffusion_ckpt", ["--guidance", "nan"], "--guidance must be a finite number >= 0, not nan"),
     ("sct_ckpt", ["--guidance", "2"], "--guidance needs a class-conditional model; this one is unconditional"),
-    ("cond_ckpt", ["--guidance", "2"], "--guidance applies to diffusion models here (a consistency model takes no guided velocity)"),
+    ("cond_ckpt", ["--guidance", "2"], "--guidance applies to diffusion models and guidance-distilled sCD students; "
+                                       "this consistency model takes no guidance"),
     ("cond_diffusion_ckpt", ["--label", "3", "10"], "--label must be in [0, 10), not 10"),
 ])
 def test_cli_guidance_errors(request, tmp_path: Path, capsys, which, args, message):

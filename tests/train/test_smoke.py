@@ -16,6 +16,7 @@ from tests.helpers import SPECS, STEP_KEYS, read_metrics, run_cli, step_records,
 
 SMOKE = ["digits_sct", "digits_diffusion", "cifar10_sct", "cifar10_diffusion", "my_images_sct"]
 ATTN_SMOKE = ["digits_sct_attn", "digits_dit"]  # test_smoke_run_attention_nets_bf16
+SCD_SMOKE = {"digits_teacher": None, "digits_scd": "digits_teacher", "cifar10_scd": "cifar10_diffusion"}  # spec: its teacher
 
 
 def test_every_spec_has_a_smoke_run():
@@ -23,9 +24,10 @@ def test_every_spec_has_a_smoke_run():
     a renamed one fails here (and in test_smoke_run) instead of vanishing."""
     files = sorted(p.stem for p in SPECS.glob("*.py"))
     assert files, SPECS
-    assert not set(files) - set(SMOKE) - set(ATTN_SMOKE), f"specs without a smoke run: {sorted(set(files) - set(SMOKE) - set(ATTN_SMOKE))}"
-    assert not (set(SMOKE) | set(ATTN_SMOKE)) - set(files), f"smoke runs without a spec file: {sorted((set(SMOKE) | set(ATTN_SMOKE)) - set(files))}"
-    assert not set(SMOKE) & set(ATTN_SMOKE)
+    smoked = set(SMOKE) | set(ATTN_SMOKE) | set(SCD_SMOKE)
+    assert not set(files) - smoked, f"specs without a smoke run: {sorted(set(files) - smoked)}"
+    assert not smoked - set(files), f"smoke runs without a spec file: {sorted(smoked - set(files))}"
+    assert len(smoked) == len(SMOKE) + len(ATTN_SMOKE) + len(SCD_SMOKE)
 
 
 @pytest.mark.slow
@@ -109,3 +111,27 @@ def test_smoke_run_attention_nets_bf16(tmp_path: Path, shard_root: Path, name: s
     assert (spec.net.arch, spec.objective.kind, spec.train.precision) == ("dit" if name == "digits_dit" else "unet", kind, "bf16")
     assert all(torch.isfinite(v).all() for v in ck.net.values())
     assert all(math.isfinite(r["loss"]) and r["skipped"] == 0 for r in step_records(run).values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SCD_SMOKE))
+def test_smoke_run_distillation(tmp_path: Path, shard_root: Path, name: str):
+    """The teacher spec trains; each sCD spec distils a tiny teacher of its own kind (3 steps, CLI in-process)."""
+    digits = name.startswith("digits")
+    extra = () if digits else ("--data.name", "cifar10", "--data.workers", "1")
+    teacher = SCD_SMOKE[name]
+    if teacher is None:  # the teacher spec itself: class-conditional diffusion with label dropout
+        cli.main([str(SPECS / f"{name}.py"), *tiny_args(shard_root, tmp_path / "run", 48, *extra)])
+        spec = spec_from_json(load_checkpoint(tmp_path / "run" / "ckpt.safetensors").spec_json)
+        assert spec.net.class_conditional and spec.objective.kind == "diffusion" and spec.objective.label_dropout == 0.1
+        return
+    cli.main([str(SPECS / f"{teacher}.py"), *tiny_args(shard_root, tmp_path / "teacher", 16, *extra)])
+    t_ckpt = tmp_path / "teacher" / "ckpt.safetensors"
+    cli.main([str(SPECS / f"{name}.py"), *tiny_args(shard_root, tmp_path / "run", 48, *extra, "--objective.teacher", str(t_ckpt))])
+    ck = load_checkpoint(tmp_path / "run" / "ckpt.safetensors")
+    spec = spec_from_json(ck.spec_json)
+    assert spec.objective.kind == "scd" and ck.step == 3 and spec.net.dropout == 0.0
+    assert set(ck.net) == set(ck.ema) and not any("teacher" in k for k in ck.net)
+    recs = step_records(tmp_path / "run")
+    assert sorted(recs) == [1, 2, 3] and all(math.isfinite(r["loss"]) and r["nonfinite"] == 0 for r in recs.values())
+    assert (len([r for r in read_metrics(tmp_path / "run") if r.get("event") == "eval"]) == 1) == digits

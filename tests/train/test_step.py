@@ -435,3 +435,42 @@ def test_grad_clip_above_the_norm_changes_nothing(kind: str):
     for k in want:
         assert torch.equal(got_big[k], got_off[k]), k
         torch.testing.assert_close(got_big[k], want[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_scd_step_matches_eager():
+    """The sCD step with a guided class-conditional teacher and a student that takes s: compiled == eager; the
+    frozen teacher gets no gradient and is not among the optimised parameters."""
+    student_spec = dataclasses.replace(tiny_spec(class_conditional=True), objective=ObjectiveSpec(kind="scd", teacher="t"))
+    teacher_spec = dataclasses.replace(tiny_spec(class_conditional=True), objective=ObjectiveSpec(kind="diffusion"))
+    torch.manual_seed(0)
+    teacher = build_model(teacher_spec).eval()
+    with torch.no_grad():
+        teacher.net.conv_out.weight.normal_(0, 0.1)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    eager_model = build_model(student_spec).train()
+    with torch.no_grad():
+        eager_model.net.conv_out.weight.normal_(0, 0.1)
+        eager_model.w_phi.linear.weight.normal_(0, 0.1)
+    compiled_model = copy.deepcopy(eager_model)
+    torch._dynamo.reset()
+    eager = TrainStep(eager_model, student_spec, compile=False, teacher=teacher)
+    compiled = TrainStep(compiled_model, student_spec, compile=True, teacher=teacher)
+    assert not {id(p) for p in teacher.parameters()} & {id(p) for g in eager.optimizer.param_groups for p in g["params"]}
+    g = torch.Generator().manual_seed(1)
+    for i in range(2):
+        x0 = torch.randn(8, 1, 8, 8, generator=g) * 0.5
+        z = torch.randn(8, 1, 8, 8, generator=g) * 0.5
+        t = torch.rand(8, generator=g) * 1.5 + 0.02
+        s = 1 + torch.rand(8, generator=g)
+        inp = StepInputs(x0, z, t, torch.arange(8) % 10, torch.tensor(1000 + i), torch.tensor(0.5), s)
+        a, b = eager(inp), compiled(inp)
+        assert torch.isfinite(a.loss) and a.loss.item() != 0
+        assert abs(a.loss.item() - b.loss.item()) <= 1e-5 * abs(a.loss.item()), (i, a.loss, b.loss)
+        torch.testing.assert_close(b.tangent_norm, a.tangent_norm, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(b.grad_norm, a.grad_norm, rtol=1e-5, atol=1e-7)
+    assert all(p.grad is None for p in teacher.parameters())
+    pa, pb = dict(eager_model.named_parameters()), dict(compiled_model.named_parameters())
+    for k in pa:
+        assert (pa[k] - pb[k]).abs().max().item() <= 1e-5, k
