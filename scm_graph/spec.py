@@ -285,6 +285,9 @@ def validate(spec: Spec) -> None:
         problems.append("objective.kind 'scd' needs a teacher: set objective.teacher to its checkpoint")
     if not problems and o.kind == "scd" and o.teacher_kind == "edm" and not o.teacher_factory:
         problems.append("objective.teacher_kind 'edm' needs objective.teacher_factory ('file.py:function' building the denoiser)")
+    if not problems and o.kind == "scd" and o.teacher_kind == "edm" and o.init_from_teacher and not spec.train.init_from:
+        problems.append("an 'edm' teacher's network is not the student's: set objective.init_from_teacher false "
+                        "(or train.init_from a checkpoint of the student's network)")
     d = spec.data
     for stat in ("mean", "std"):
         values = getattr(d, stat, ())

@@ -128,7 +128,7 @@ def train_tiny(spec_file: str, root: Path, out: Path, total_images: int = 64, *e
     return out / "ckpt.safetensors"
 
 
-TIMING_KEYS = ("wall_s", "img_per_s")
+TIMING_KEYS = ("wall_s", "img_per_s", "teacher_share")
 STEP_KEYS = ("loss", "grad_norm", "mse", "tangent_norm", "w_min", "w_max", "mse_by_t")
 
 

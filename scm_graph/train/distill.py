@@ -12,14 +12,19 @@ with the student (data shape, normalisation, sigma_d, classes, guidance without 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from scm_graph import trigflow
 from scm_graph.checkpoint import load_checkpoint
 from scm_graph.errors import UserError
 from scm_graph.model import ZERO_INIT_EXTRAS, TrigFlowModel, build_model, copy_params
+from scm_graph.objectives import StepInputs
+from scm_graph.objectives.scd import teacher_velocity
+from scm_graph.precision import autocast
 from scm_graph.spec import Spec, distils_guidance, spec_from_json
 from scm_graph.teacher import EDMVelocity, load_denoiser
 
@@ -85,10 +90,26 @@ def check_teacher(t: Spec, s: Spec, path: str) -> None:
 
 def init_student(model: nn.Module, teacher: Teacher, spec: Spec) -> None:
     """The student starts as the teacher: its EMA weights, the guidance input zero (sCM Sec. 6)."""
-    if teacher.ema is None:
+    if teacher.ema is None:  # validate refuses this combination before any work
         raise UserError("objective.init_from_teacher needs a 'trigflow' teacher; pass --objective.init_from_teacher false")
     try:
         copy_params(model, teacher.ema, allow_missing=ZERO_INIT_EXTRAS)
     except ValueError as e:
         raise UserError(f"objective.teacher {spec.objective.teacher}: the student's network differs from the teacher's "
                         f"({e}); use the teacher's net settings or --objective.init_from_teacher false") from None
+
+
+def teacher_seconds(teacher: nn.Module, inp: StepInputs, precision: str) -> float:
+    """Wall time of the teacher's part of one sCD step (its guided velocity on this batch), measured eagerly
+    under the step's autocast: beside the step time it gives the teacher's share of the step (an estimate,
+    since the compiled step fuses the teacher's passes with the rest)."""
+    x_t = trigflow.noisy(inp.x0, inp.z, inp.t)  # x_t = cos t x0 + sin t z
+    dev = x_t.device
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    with autocast(dev.type, precision):
+        teacher_velocity(teacher, x_t, inp.t, inp.labels, inp.guidance)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter() - t0

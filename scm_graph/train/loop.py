@@ -38,7 +38,7 @@ from scm_graph.progress import Progress
 from scm_graph.sample.generate import Generator, generate, to_uint8
 from scm_graph.sample.grid import save_grid
 from scm_graph.spec import Spec, distils_guidance, spec_from_json, spec_to_json
-from scm_graph.train.distill import init_student, load_teacher
+from scm_graph.train.distill import init_student, load_teacher, teacher_seconds
 from scm_graph.train.ema import EMA, ema_beta
 from scm_graph.train.rundir import (
     CKPT,
@@ -364,6 +364,8 @@ def train(spec: Spec, out: Path, resume: bool = False, progress: bool = True, ve
                 ips = (run.images - rate_img0) / max(now - rate_t0, 1e-9)
                 rate_t0, rate_img0 = now, run.images
                 r = float(inp.r)
+                if run.teacher is not None:  # sCD: the teacher's share of the step time (timing, like img_per_s)
+                    rec["teacher_share"] = round(min(1.0, teacher_seconds(run.teacher.module, inp, t.precision) * ips / t.batch), 3)
                 last = {"images": run.images, "step": run.step, **rec, "r": r, "img_per_s": round(ips, 1), "wall_s": round(run.wall, 2)}
                 run.log(last)
                 bar.update(run.images, rate=ips, loss=math.nan if rec["loss"] is None else rec["loss"])

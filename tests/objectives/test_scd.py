@@ -123,3 +123,31 @@ def test_a_wrong_teacher_velocity_breaks_the_tangent(flip: str):
     h = 1e-5
     df_dt = (f(x_t + h * v, inp.t + h) - f(x_t - h * v, inp.t - h)) / (2 * h)
     assert not torch.allclose(g, trigflow.expand(torch.cos(inp.t), g) * df_dt, rtol=1e-3, atol=1e-6)
+
+
+def test_scd_gradient_is_the_continuous_limit_of_discrete_cd():
+    """grad L_sCD = lim_{dt->0} grad of discrete consistency distillation: (1/2dt) ||f_theta(x_t, t) -
+    f_theta^-(x_t - dt v, t - dt)||^2 with one Euler step of the teacher's guided PF-ODE (v its velocity), weighted
+    2 / (D sigma_d tan t (||g|| + c)) per sample as in the sCT test."""
+    student, teacher = _models()
+    params = dict(student.named_parameters())
+    cfg = ObjectiveSpec(kind="scd", sigma_d=SD, adaptive_weighting=False, tangent_c=0.1)
+    inp = _guided(_inputs())
+    out = scd_loss(student, params, inp, cfg, teacher=teacher)
+    g_scd = _grads(student, out.loss)
+    D = inp.x0[0].numel()
+    K = 2.0 / (D * SD * torch.tan(inp.t) * (out.tangent_norm + cfg.tangent_c))
+    x_t = trigflow.noisy(inp.x0, inp.z, inp.t)
+    v = teacher_velocity(teacher, x_t, inp.t, inp.labels, inp.guidance)
+
+    def f(p, x, t, detach):
+        pp = {k: w.detach() for k, w in p.items()} if detach else p
+        return trigflow.consistency_fn(x, t, functional_call(student, pp, (x, t, inp.labels, inp.dropout_key, inp.guidance)), SD)
+
+    errs = []
+    for dt in (1e-2, 1e-3, 1e-4):
+        diff = f(params, x_t, inp.t, False) - f(params, x_t - dt * v, inp.t - dt, True)
+        L_disc = (K / (2 * dt) * diff.square().flatten(1).sum(1)).mean()
+        errs.append(((_grads(student, L_disc) - g_scd).norm() / g_scd.norm()).item())
+    assert errs[0] > errs[1] > errs[2], errs
+    assert errs[2] < 1e-3, errs

@@ -11,7 +11,7 @@ import torch
 import scm_graph.sample.cli as sample_cli
 from scm_graph.checkpoint import load_checkpoint
 from scm_graph.sample.generate import generate, load_generator
-from tests.helpers import SPECS, assert_user_error, run_cli, tiny_args, train_tiny
+from tests.helpers import SPECS, assert_user_error, read_metrics, run_cli, tiny_args, train_tiny
 
 pytestmark = pytest.mark.usefixtures("torch_defaults", "scm_cache")
 
@@ -51,6 +51,8 @@ def test_student_trains_and_samples_with_guidance(tmp_path: Path, shard_root: Pa
                       "--optim.kind", "adam", "--optim.lr", "0.01")
     s = load_checkpoint(ckpt)
     assert s.step == 3 and any(torch.count_nonzero(v) for k, v in s.net.items() if k.startswith("net.emb.guidance."))
+    lines = [r for r in read_metrics(tmp_path / "scd") if "loss" in r and "event" not in r]
+    assert len(lines) == 3 and all(0 < r["teacher_share"] <= 1 for r in lines)  # the teacher's share of each step
     out = tmp_path / "g"
     for scale in ("1", "2"):
         sample_cli.main(["--ckpt", str(ckpt), "--steps", "2", "--n", "4", "--label", "3", "--guidance", scale,
@@ -88,3 +90,54 @@ def test_teachers_that_cannot_teach_are_one_line(tmp_path: Path, shard_root: Pat
         want = "objective.kind 'scd' needs a teacher: set objective.teacher to its checkpoint"
     assert assert_user_error(run_cli("scm_graph.train", *args)) == f"error: {want}"
     assert not out.exists()
+
+
+EDM_FACTORY = '''
+import torch
+from scm_graph.teacher import EDMPrecond
+
+
+class Net(torch.nn.Module):
+    """A raw EDM-style network F_edm(c_in x, c_noise): one conv with a noise-level bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+        self.noise = torch.nn.Linear(1, 1)
+
+    def forward(self, x, c_noise, labels):
+        return self.conv(x) + self.noise(c_noise[:, None])[:, :, None, None]
+
+
+def make():
+    return EDMPrecond(Net(), sigma_d=0.5)
+'''
+
+
+def test_an_edm_teacher_through_the_factory_hook(tmp_path: Path, shard_root: Path):
+    """teacher_kind 'edm': the user's denoiser module with safetensors weights distils into an unconditional
+    student trained from scratch; its weights stay out of the student's checkpoint."""
+    import safetensors.torch
+
+    (tmp_path / "my_teacher.py").write_text(EDM_FACTORY)
+    torch.manual_seed(0)
+    conv, lin = torch.nn.Conv2d(1, 1, 3, padding=1), torch.nn.Linear(1, 1)
+    weights = {"net.conv.weight": conv.weight.detach(), "net.conv.bias": conv.bias.detach(),
+               "net.noise.weight": lin.weight.detach(), "net.noise.bias": lin.bias.detach()}
+    safetensors.torch.save_file(weights, str(tmp_path / "edm.safetensors"))
+    ckpt = train_tiny("digits_scd.py", shard_root, tmp_path / "scd", 32, "--objective.teacher", str(tmp_path / "edm.safetensors"),
+                      "--objective.teacher_kind", "edm", "--objective.teacher_factory", f"{tmp_path / 'my_teacher.py'}:make",
+                      "--objective.init_from_teacher", "false", "--net.class_conditional", "false")
+    s = load_checkpoint(ckpt)
+    assert s.step == 2 and not any(k.startswith(("net.conv.", "net.noise.")) for k in s.net)
+    assert all(torch.isfinite(v).all() for v in s.net.values())
+    bad = run_cli("scm_graph.train", *_scd(shard_root, tmp_path / "bad", tmp_path / "edm.safetensors", 16,
+                                           "--objective.teacher_kind", "edm", "--net.class_conditional", "false"))
+    assert assert_user_error(bad) == ("error: objective.teacher_kind 'edm' needs objective.teacher_factory "
+                                      "('file.py:function' building the denoiser)")
+    bad = run_cli("scm_graph.train", *_scd(shard_root, tmp_path / "bad", tmp_path / "edm.safetensors", 16,
+                                           "--objective.teacher_kind", "edm", "--objective.teacher_factory",
+                                           f"{tmp_path / 'my_teacher.py'}:make", "--net.class_conditional", "false"))
+    assert assert_user_error(bad) == ("error: an 'edm' teacher's network is not the student's: set objective.init_from_teacher "
+                                      "false (or train.init_from a checkpoint of the student's network)")
+    assert not (tmp_path / "bad").exists()
