@@ -114,7 +114,7 @@ def integrate_guided_ode(mog: MoG, x: Tensor, t0: float, t1: float, sigma_d: flo
     B = x.shape[0]
     for i in range(steps):
         t = t0 + i * h
-        tt = lambda a: torch.full((B,), a, dtype=torch.float64)  # noqa: E731
+        tt = lambda a: torch.full((B,), a, dtype=torch.float64)
         k1 = guided_velocity(mog, x, tt(t), sigma_d, labels, s)
         k2 = guided_velocity(mog, x + 0.5 * h * k1, tt(t + 0.5 * h), sigma_d, labels, s)
         k3 = guided_velocity(mog, x + 0.5 * h * k2, tt(t + 0.5 * h), sigma_d, labels, s)
@@ -140,12 +140,14 @@ class MLPStudent(nn.Module):
         layers.append(nn.Linear(width, d))
         self.net = nn.Sequential(*layers)
         self.w_phi = AdaptiveWeight(32)
+        self.register_buffer("freqs", torch.arange(1.0, 5.0), persistent=False)
+        self.register_buffer("classes", torch.arange(num_classes), persistent=False)
 
     def forward(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None, dropout_key: Tensor | None = None,
                 guidance: Tensor | None = None) -> Tensor:
-        k = torch.arange(1, 5, dtype=x_t.dtype, device=x_t.device)
-        tk = t.to(x_t.dtype)[:, None] * k
-        onehot = (labels[:, None] == torch.arange(self.num_classes, device=x_t.device)).to(x_t.dtype)
-        s = (guidance if guidance is not None else torch.ones_like(t)).to(x_t.dtype)[:, None] - 1.5
-        feats = torch.cat([x_t / self.sigma_d, torch.sin(tk), torch.cos(tk), t.to(x_t.dtype)[:, None], onehot, s], dim=1)
+        t = t.to(x_t.dtype)[:, None]
+        tk = t * self.freqs.to(x_t.dtype)
+        onehot = (labels[:, None] == self.classes).to(x_t.dtype)
+        s = (guidance if guidance is not None else torch.ones_like(t[:, 0])).to(x_t.dtype)[:, None] - 1.5
+        feats = torch.cat([x_t / self.sigma_d, torch.sin(tk), torch.cos(tk), t, onehot, s], dim=1)
         return self.net(feats)
