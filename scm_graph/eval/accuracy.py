@@ -11,23 +11,8 @@ import torch
 from torch import Tensor
 
 from scm_graph.errors import UserError
-from scm_graph.eval.digits import DigitsClassifier, _as_images, _default_model, _scale
+from scm_graph.eval.digits import DigitsClassifier, digits_predictions
 from scm_graph.sample.generate import Generator, generate, to_uint8
-
-
-def digits_predictions(
-    images: Tensor | np.ndarray, model: DigitsClassifier | None = None, batch: int = 2048
-) -> np.ndarray:
-    """The classifier's predicted class (int64 [N]) for [N, 1, 8, 8] images in 0..255 units."""
-    x = _as_images(images)
-    if model is None:
-        model = _default_model()[1]
-    dev = next(model.parameters()).device
-    out = []
-    with torch.no_grad():
-        for i in range(0, x.shape[0], batch):
-            out.append(model(_scale(x[i : i + batch]).to(dev)).argmax(1).cpu())
-    return torch.cat(out).numpy().astype(np.int64) if out else np.zeros((0,), np.int64)
 
 
 def images_label_accuracy(

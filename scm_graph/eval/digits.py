@@ -207,19 +207,30 @@ def _as_images(images: torch.Tensor | np.ndarray, min_n: int = 1) -> torch.Tenso
     return x.clamp(0.0, 255.0).to(torch.float32)
 
 
-def digits_features(
-    images: torch.Tensor | np.ndarray, model: DigitsClassifier | None = None, batch: int = 2048
-) -> np.ndarray:
-    """Penultimate classifier features (float64 [N, 64]) of images in 0..255 units."""
+def _apply(images: torch.Tensor | np.ndarray, model: DigitsClassifier | None, fn, batch: int) -> list[torch.Tensor]:
+    """`fn(model, scaled images)` over batches of images in 0..255 units, on the CPU."""
     x = _as_images(images)
     if model is None:
         model = _default_model()[1]
     dev = next(model.parameters()).device
-    out = []
     with torch.no_grad():
-        for i in range(0, x.shape[0], batch):
-            out.append(model.features(_scale(x[i : i + batch]).to(dev)).to("cpu", torch.float64))
+        return [fn(model, _scale(x[i : i + batch]).to(dev)).cpu() for i in range(0, x.shape[0], batch)]
+
+
+def digits_features(
+    images: torch.Tensor | np.ndarray, model: DigitsClassifier | None = None, batch: int = 2048
+) -> np.ndarray:
+    """Penultimate classifier features (float64 [N, 64]) of images in 0..255 units."""
+    out = _apply(images, model, lambda m, x: m.features(x).to(torch.float64), batch)
     return torch.cat(out).numpy() if out else np.zeros((0, FEATURE_DIM))
+
+
+def digits_predictions(
+    images: torch.Tensor | np.ndarray, model: DigitsClassifier | None = None, batch: int = 2048
+) -> np.ndarray:
+    """The classifier's predicted class (int64 [N]) of images in 0..255 units."""
+    out = _apply(images, model, lambda m, x: m(x).argmax(1), batch)
+    return torch.cat(out).numpy().astype(np.int64) if out else np.zeros((0,), np.int64)
 
 
 def _real_features() -> np.ndarray:

@@ -8,23 +8,11 @@ import torch
 
 from scm_graph.data.digits import load_digits_uint8
 from scm_graph.errors import UserError
-from scm_graph.eval.accuracy import (
-    digits_predictions,
-    images_label_accuracy,
-    label_accuracy,
-)
+from scm_graph.eval.accuracy import images_label_accuracy, label_accuracy
+from scm_graph.eval.digits import digits_predictions
 from scm_graph.model import build_model
 from scm_graph.sample.generate import Generator
 from tests.helpers import tiny_spec
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The classifier trains in seconds on one thread; two on a busy 2-core box are much slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_real_digits_high_accuracy_and_shuffled_near_chance(scm_cache):

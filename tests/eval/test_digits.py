@@ -109,15 +109,6 @@ def test_fd_shape_mismatch_raises():
 # ----------------------------------------------------------------------------- classifier
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Two intra-op threads on a busy 2-core box slow the tiny training ~10x; restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("scm_cache")
