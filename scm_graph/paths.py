@@ -2,7 +2,7 @@
 
 Every CLI checks its outputs first (`output_file`, `output_dir`), so a bad path costs a second, not a
 finished run. `write_atomic` writes a temp file beside the target and renames it, so a kill leaves
-either the old file or the new one. OS errors become one line naming the path (`os_error`).
+either the old file or the new one, and its OS errors are one line naming the path.
 """
 
 from __future__ import annotations
@@ -14,12 +14,6 @@ from pathlib import Path
 from typing import Callable, IO
 
 from scm_graph.errors import UserError
-
-
-def os_error(e: OSError, doing: str = "use") -> UserError:
-    """`cannot write runs/x/grid.png: Permission denied` from an OSError."""
-    where = e.filename if e.filename is not None else "?"
-    return UserError(f"cannot {doing} {where}: {e.strerror or type(e).__name__}")
 
 
 def _writable_folder(folder: Path, flag: str) -> None:
