@@ -20,6 +20,7 @@ from scm_graph.nets.dit import check_config as check_dit
 from scm_graph.nets.embedding import PositionalEmbedding
 from scm_graph.nets.unet import UNet
 from scm_graph.nets.unet import check_config as check_unet
+from scm_graph.precision import fp32_region
 from scm_graph.spec import Spec, distils_guidance
 
 
@@ -47,9 +48,16 @@ class TrigFlowModel(nn.Module):
         self.sigma_d = float(sigma_d)
 
     def forward(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None, dropout_key: Tensor | None = None,
-                guidance: Tensor | None = None) -> Tensor:
-        """F_theta(x_t / sigma_d, c_noise(t), labels, s); `guidance` ([B] CFG scales) only for a guidance-distilled student."""
-        return self.net(x_t / self.sigma_d, trigflow.c_noise(t), labels, dropout_key, guidance)  # F_theta(x_t / sigma_d, c_noise(t))
+                guidance: Tensor | None = None, weight: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """F_theta(x_t / sigma_d, c_noise(t), labels, s); `guidance` ([B] CFG scales) only for a guidance-distilled student.
+
+        `weight=True` returns (F, w_phi(t)): one forward of a wrapped (DDP / FSDP) model that uses every weight.
+        """
+        F = self.net(x_t / self.sigma_d, trigflow.c_noise(t), labels, dropout_key, guidance)  # F_theta(x_t / sigma_d, c_noise(t))
+        if not weight:
+            return F
+        with fp32_region(t):
+            return F, self.w_phi(t).clone()  # w_phi(t), float32 (a time-embedding path); not a view (FSDP2's hooks)
 
     @property
     def takes_guidance(self) -> bool:

@@ -4,6 +4,9 @@ Torch's RNG gives different masks eagerly and inside torch.compile, and would gi
 (theta^-) and the gradient pass (theta) of one sCT step different masks; Algorithm 1 needs the same
 network function in both. A counter-based hash of (key, salt, element index) gives the same mask
 everywhere. The train loop draws one key per step; each dropout layer has its own salt.
+
+The element index counts from the first sample of the *global* batch: a process or micro-batch that
+holds samples i0.. of it passes the key as [key, i0], so a batch split any way gets the same masks.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ def _mix32(h: Tensor) -> Tensor:
 
 
 def keyed_uniform(shape: torch.Size, key: Tensor, salt: int, device: torch.device) -> Tensor:
-    """Counter-based uniforms in [0, 1): a pure function of (key, salt, element index); all 64 bits of the
-    key count (the high 32 hold the run seed, so two seeds never share a step's mask by construction).
+    """Counter-based uniforms in [0, 1): a pure function of (key, salt, element index); `key` is [] or
+    [key, i0] (element indices offset by sample i0 of the global batch). All 64 bits of the key count
+    (the high 32 hold the run seed, so two seeds never share a step's mask by construction).
 
     Unlike torch's RNG this gives the same numbers eagerly and inside torch.compile, and the same
     numbers for the JVP pass (theta^-) and the gradient pass (theta) of one train step.
@@ -34,8 +38,11 @@ def keyed_uniform(shape: torch.Size, key: Tensor, salt: int, device: torch.devic
     n = 1
     for s in shape:
         n *= s
-    idx = torch.arange(n, device=device, dtype=torch.int64).reshape(shape)
     key = key.to(device=device, dtype=torch.int64)
+    idx = torch.arange(n, device=device, dtype=torch.int64).reshape(shape)
+    if key.ndim == 1:  # [key, i0]: this batch is samples i0.. of the step's global batch
+        key, first = key[0], key[1]
+        idx = idx + first * (n // shape[0])  # the element's index in the global batch
     lo, hi = key & _M32, key >> 32  # the train loop's keys: (run seed << 32) + step
     seed = _mix32((lo * 0x9E3779B1 + salt) & _M32) ^ _mix32((hi * 0x85EBCA77) & _M32)  # hi = 0: as before
     h = _mix32((idx ^ seed) & _M32)

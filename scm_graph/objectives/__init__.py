@@ -9,13 +9,15 @@ by the caller outside any compiled region.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
 from scm_graph.objectives.common import ObjectiveOut, StepInputs
 
-__all__ = ["ObjectiveOut", "StepInputs", "get_objective"]
+__all__ = ["ObjectiveOut", "Passes", "StepInputs", "get_objective", "get_passes"]
 
 
 def get_objective(kind: str, teacher: nn.Module | None = None) -> Callable[..., ObjectiveOut]:
@@ -29,3 +31,31 @@ def get_objective(kind: str, teacher: nn.Module | None = None) -> Callable[..., 
             raise ValueError("the 'scd' objective needs its teacher")
         return functools.partial(scd_loss, teacher=teacher)
     return {"sct": sct_loss, "diffusion": diffusion_loss}[kind]
+
+
+@dataclass(frozen=True)
+class Passes:
+    """An objective cut in two for wrapped (DDP / FSDP) networks: `prepare(model, params, inputs, cfg)` is
+    everything before the gradient pass (sCT / sCD: the JVP pass), run without gradient on plain weights;
+    its result has `.inputs` and `.x_t`, the gradient pass's arguments. `finish(F, w, prep)` is the loss from
+    the gradient pass's F_theta(x_t, t) and w_phi(t). `finish(F, w, prepare(...))` is the objective exactly."""
+
+    prepare: Callable[..., Any]
+    finish: Callable[..., ObjectiveOut]
+
+
+def get_passes(kind: str, teacher: nn.Module | None = None) -> Passes:
+    """The two passes of objective `kind` ('scd' needs its frozen `teacher`)."""
+    from scm_graph.objectives.diffusion import diffusion_finish, diffusion_prepare
+    from scm_graph.objectives.scd import scd_velocity
+    from scm_graph.objectives.sct import consistency_finish, consistency_prepare, sct_velocity
+
+    if kind == "diffusion":
+        return Passes(diffusion_prepare, diffusion_finish)
+    if kind == "scd":
+        if teacher is None:
+            raise ValueError("the 'scd' objective needs its teacher")
+        velocity = functools.partial(scd_velocity, teacher)
+    else:
+        velocity = sct_velocity
+    return Passes(functools.partial(consistency_prepare, dxt_of=velocity), consistency_finish)

@@ -27,6 +27,10 @@ class StepInputs:
     r: Tensor  # [] float32 tangent-warmup ratio in [0, 1]
     guidance: Tensor | None = None  # [B] CFG scales s of guidance distillation (sCD), or None
 
+    def forward_args(self, x_t: Tensor, t: Tensor | None = None) -> tuple:
+        """The network's arguments (x_t, t, labels, dropout_key, guidance) at x_t (and t, else these times)."""
+        return (x_t, self.t if t is None else t, self.labels, self.dropout_key, self.guidance)
+
 
 @dataclass
 class ObjectiveOut:

@@ -16,6 +16,8 @@ dropout key, and is not part of `params`.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -38,4 +40,9 @@ def teacher_velocity(teacher: nn.Module, x_t: Tensor, t: Tensor, labels: Tensor 
 
 def scd_loss(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, cfg: ObjectiveSpec, teacher: nn.Module) -> ObjectiveOut:
     """sCD: Algorithm 1 with the teacher's velocity in the tangent."""
-    return consistency_loss(model, params, inp, cfg, lambda x_t, inp: teacher_velocity(teacher, x_t, inp.t, inp.labels, inp.guidance))
+    return consistency_loss(model, params, inp, cfg, functools.partial(scd_velocity, teacher))
+
+
+def scd_velocity(teacher: nn.Module, x_t: Tensor, inp: StepInputs) -> Tensor:
+    """sCD's dx_t/dt: the teacher's (guided) velocity at x_t."""
+    return teacher_velocity(teacher, x_t, inp.t, inp.labels, inp.guidance)

@@ -15,14 +15,20 @@ all are reported in `nonfinite`.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
 from scm_graph import trigflow
-from scm_graph.objectives.common import ObjectiveOut, StepInputs, finite_samples, zero_unless
+from scm_graph.objectives.common import (
+    ObjectiveOut,
+    StepInputs,
+    finite_samples,
+    zero_unless,
+)
 from scm_graph.objectives.weighting import w_of, weighted
 from scm_graph.precision import fp32_region
 from scm_graph.spec import ObjectiveSpec
@@ -38,7 +44,7 @@ def tangent(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, x_t: T
     cos, sin = torch.cos(t), torch.sin(t)
 
     def F_minus_fn(x: Tensor, t_in: Tensor) -> Tensor:
-        return functional_call(model, theta_minus, (x, t_in, inp.labels, inp.dropout_key, inp.guidance))  # F_theta^-(x / sigma_d, t)
+        return functional_call(model, theta_minus, inp.forward_args(x, t_in))  # F_theta^-(x / sigma_d, t)
 
     cs = trigflow.expand(cos * sin, x_t)
     # JVP along (dx_t/dt, 1), pre-scaled by cos t sin t (Sec. 5.1 rearrangement); the model divides by sigma_d
@@ -60,12 +66,37 @@ def normalize_tangent(g: Tensor, cfg: ObjectiveSpec) -> tuple[Tensor, Tensor]:
 
 def sct_loss(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, cfg: ObjectiveSpec) -> ObjectiveOut:
     """sCT: the tangent follows the unbiased estimate dx_t/dt = cos t z - sin t x0."""
-    return consistency_loss(model, params, inp, cfg, lambda x_t, inp: trigflow.velocity(inp.x0, inp.z, inp.t))
+    return consistency_loss(model, params, inp, cfg, sct_velocity)
+
+
+def sct_velocity(x_t: Tensor, inp: StepInputs) -> Tensor:
+    """sCT's dx_t/dt: the one-sample estimate cos t z - sin t x0."""
+    return trigflow.velocity(inp.x0, inp.z, inp.t)
 
 
 def consistency_loss(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, cfg: ObjectiveSpec,
                      dxt_of: Callable[[Tensor, StepInputs], Tensor]) -> ObjectiveOut:
     """Algorithm 1 with the PF-ODE velocity `dxt_of(x_t, inp)`: the data's estimate (sCT) or a teacher's (sCD)."""
+    prep = consistency_prepare(model, params, inp, cfg, dxt_of)
+    F = functional_call(model, params, prep.inputs.forward_args(prep.x_t))  # F_theta(x_t / sigma_d, t)
+    return consistency_finish(F, w_of(model, params, prep.inputs.t, cfg), prep)
+
+
+@dataclass
+class ConsistencyPrep:
+    """What the no-gradient JVP pass hands the gradient pass: its inputs, F^- and the normalised tangent."""
+
+    inputs: StepInputs  # with non-finite samples zeroed
+    x_t: Tensor
+    F_minus: Tensor
+    g: Tensor  # normalised
+    g_norm: Tensor  # [B] ||g|| before normalisation
+    ok: Tensor  # [B] bool
+
+
+def consistency_prepare(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, cfg: ObjectiveSpec,
+                        dxt_of: Callable[[Tensor, StepInputs], Tensor]) -> ConsistencyPrep:
+    """The JVP pass: x_t, F^- and the normalised tangent g; no gradient flows out of any of them."""
     # Non-finite data is masked *before* both passes, so the JVP pass and the gradient pass still see
     # identical inputs (Inductor shares their forward work; masking x_t between them cost 17%).
     ok = finite_samples(inp.x0, inp.z, inp.t)
@@ -78,11 +109,16 @@ def consistency_loss(model: nn.Module, params: dict[str, Tensor], inp: StepInput
     F_minus, g = zero_unless(ok, F_minus), zero_unless(ok, g)
     with fp32_region(g):
         g, g_norm = normalize_tangent(g, cfg)
-    F = functional_call(model, params, (x_t, inp.t, inp.labels, inp.dropout_key, inp.guidance)).to(g.dtype)  # F_theta(x_t / sigma_d, t)
+    return ConsistencyPrep(inp, x_t, F_minus, g, g_norm, ok)
+
+
+def consistency_finish(F: Tensor, w: Tensor, prep: ConsistencyPrep) -> ObjectiveOut:
+    """The loss from the gradient pass's F_theta(x_t, t) and w_phi(t): e^w/D ||F - F^- - g||^2 - w."""
+    g, ok = prep.g, prep.ok
+    F = F.to(g.dtype)
     with fp32_region(g):
         ok = ok & finite_samples(F)
         F = zero_unless(ok, F)  # a select: masked samples pass back zero gradient
-        mse = (F - F_minus - g).square().flatten(1).mean(1)  # (1/D)||F_theta - F^- - g||^2
-        w = w_of(model, params, inp.t, cfg)
+        mse = (F - prep.F_minus - g).square().flatten(1).mean(1)  # (1/D)||F_theta - F^- - g||^2
         loss = weighted(mse, w, ok)
-    return ObjectiveOut(loss, mse.detach(), w.detach(), g_norm, ~ok)
+    return ObjectiveOut(loss, mse.detach(), w.detach(), prep.g_norm, ~ok)

@@ -13,12 +13,13 @@ from scm_graph.spec import ObjectiveSpec
 def weighted(mse: Tensor, w: Tensor, ok: Tensor | None = None) -> Tensor:
     """Adaptive weighting: e^{w_phi(t)} * (1/D)||.||^2 - w_phi(t), averaged over the batch (Eq. 8).
 
-    With `ok` ([B] bool) the masked samples get weight 0 and the mean runs over the finite ones only.
+    With `ok` ([B] bool) the masked samples count as zeros: the mean still divides by B, so a batch split
+    over processes or micro-batches averages to exactly the whole batch's loss (and gradient).
     """
     per_sample = torch.exp(w) * mse - w  # Eq. 8
     if ok is None:
         return per_sample.mean()
-    return torch.where(ok, per_sample, 0.0).sum() / ok.sum().clamp(min=1)
+    return torch.where(ok, per_sample, 0.0).mean()
 
 
 def w_of(model: nn.Module, params: dict[str, Tensor], t: Tensor, cfg: ObjectiveSpec) -> Tensor:
