@@ -168,7 +168,7 @@ class OptimSpec:
 @dataclass(frozen=True)
 class TrainSpec:
     batch: Annotated[int, AT_LEAST_1] = 512
-    """Images per step."""
+    """Images per step: the global batch, over all processes and micro-batches."""
     total_images: Annotated[int, AT_LEAST_1] = 200_000_000
     """Training length in images."""
     ema_halflife_images: Annotated[float, NON_NEGATIVE] = 500_000.0
@@ -205,6 +205,12 @@ class TrainSpec:
     """'bar': a live progress bar; 'lines': a plain line every progress_every_s (logs, nohup, CI); 'auto': bar on a terminal, lines otherwise."""
     progress_every_s: Annotated[float, POSITIVE] = 30.0
     """Seconds between plain progress lines."""
+    accum: Annotated[int, AT_LEAST_1] = 1
+    """Micro-batches per step (gradient accumulation): each process runs batch / (processes x accum) samples at a time."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun: 'ddp' replicates the network on every process; 'fsdp' shards weights, gradients and optimiser state (FSDP2 fully_shard)."""
+    dist_timeout_s: Annotated[float, POSITIVE] = 600.0
+    """Under torchrun: seconds a process waits for the others in a collective before the job stops."""
 
 
 @dataclass(frozen=True)
@@ -288,6 +294,8 @@ def validate(spec: Spec) -> None:
     if not problems and o.kind == "scd" and o.teacher_kind == "edm" and o.init_from_teacher and not spec.train.init_from:
         problems.append("an 'edm' teacher's network is not the student's: set objective.init_from_teacher false "
                         "(or train.init_from a checkpoint of the student's network)")
+    if not problems and spec.train.batch % spec.train.accum:
+        problems.append(f"train.batch {spec.train.batch} does not divide into train.accum {spec.train.accum} micro-batches")
     d = spec.data
     for stat in ("mean", "std"):
         values = getattr(d, stat, ())

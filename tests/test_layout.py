@@ -32,11 +32,11 @@ RANKS = {  # longest matching prefix wins
     "scm_graph.nets": 6,
     "scm_graph.model": 7, "scm_graph.teacher": 7,
     "scm_graph.objectives": 8,
-    "scm_graph.train": 9, "scm_graph.train.step": 9, "scm_graph.train.ema": 9,
+    "scm_graph.train": 9, "scm_graph.train.step": 9, "scm_graph.train.ema": 9, "scm_graph.train.parallel": 9,
     "scm_graph.checkpoint": 10,
     "scm_graph.sample": 11,
     "scm_graph.eval": 12,
-    "scm_graph.train.loop": 13, "scm_graph.train.rundir": 13, "scm_graph.train.distill": 13, "scm_graph.train.cli": 13, "scm_graph.train.__main__": 13, "scm_graph.bench": 13,
+    "scm_graph.train.loop": 13, "scm_graph.train.meter": 13, "scm_graph.train.rundir": 13, "scm_graph.train.distill": 13, "scm_graph.train.cli": 13, "scm_graph.train.__main__": 13, "scm_graph.bench": 13,
 }
 
 # Beyond the ranks: what the contract names explicitly.

@@ -124,6 +124,9 @@ def test_validate_rejects(sct: Spec, args, needle):
     (["--train.progress_every_s", "0"], "train.progress_every_s must be > 0, not 0.0"),
     (["--data.std", "0"], "data.std must each be > 0, not (0.0,)"),
     (["--optim.lr", "-1", "--optim.eps", "0"], "optim.lr must be >= 0, not -1.0 (and 1 more)"),
+    (["--train.accum", "0"], "train.accum must be >= 1, not 0"),
+    (["--train.batch", "12", "--train.accum", "5"], "train.batch 12 does not divide into train.accum 5 micro-batches"),
+    (["--train.dist_timeout_s", "0"], "train.dist_timeout_s must be > 0, not 0.0"),
 ])
 def test_each_bad_value_is_one_exact_line(sct: Spec, args: list[str], want: str):
     assert one_line_error(validate, apply_overrides(sct, args)) == want

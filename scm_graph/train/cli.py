@@ -3,10 +3,15 @@
 Every value is checked (`scm_graph.spec.validate`) and the run folder is checked before anything is
 built; progress shows as a bar on a terminal and as a plain line every `--train.progress_every_s`
 seconds otherwise (`--train.progress bar|lines|off` to choose).
+
+Under torchrun (`torchrun --nproc_per_node N -m scm_graph.train SPEC.py ...`) every process runs this;
+rank 0 prints, and a failure anywhere stops every process with one line each (docs/distributed.md).
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +23,7 @@ from scm_graph.errors import UserError, cli_main
 from scm_graph.model import check_net
 from scm_graph.spec import Spec, spec_from_json, validate
 from scm_graph.specfile import apply_overrides, read_spec_file
+from scm_graph.train import parallel
 from scm_graph.train.distill import check_teacher
 from scm_graph.train.loop import CKPT, train
 
@@ -55,11 +61,43 @@ def parse_args(argv: list[str]) -> Args:
     return Args(spec, Path(spec.train.out or f"runs/{spec.name}"), resume, verify)
 
 
+class Stopped(Exception):
+    """torchrun stopped this process (SIGTERM), because another process of the job failed."""
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise Stopped()
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    a = parse_args(sys.argv[1:] if argv is None else argv)
+    if not parallel.under_torchrun():
+        run(sys.argv[1:] if argv is None else argv)
+        return
+    # torchrun: one line per process, naming the rank; torchrun's own report of the failed process follows
+    rank = int(os.environ["RANK"])
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        run(sys.argv[1:] if argv is None else argv, main=rank == 0)
+    except UserError as e:
+        raise UserError(f"rank {rank}: {e}") from None
+    except Stopped:
+        raise UserError(f"rank {rank}: stopped, because another process of the job failed; "
+                        "the last checkpoint on disk is kept") from None
+    except RuntimeError as e:  # a collective failed: another process died or cannot be reached
+        if not parallel.lost_contact(e):
+            raise
+        raise UserError(f"rank {rank}: lost the other processes of the job ({parallel.first_line(e)}); "
+                        "the last checkpoint on disk is kept") from None
+    finally:
+        parallel.leave()
+
+
+def run(argv: list[str], main: bool = True) -> None:
+    a = parse_args(argv)
     spec, out = a.spec, a.out
     summary = train(spec, out, resume=a.resume, verify=a.verify)
-    fds = "  ".join(f"{k} {v:.3f}" for k, v in summary.items() if k.startswith("fd_"))
-    print(f"done: {summary['images']} images in {summary['wall_s']:.0f} s -> {out / CKPT}  {fds}")
+    if main:
+        fds = "  ".join(f"{k} {v:.3f}" for k, v in summary.items() if k.startswith("fd_"))
+        print(f"done: {summary['images']} images in {summary['wall_s']:.0f} s -> {out / CKPT}  {fds}")
 

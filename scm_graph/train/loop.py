@@ -22,7 +22,6 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,16 +29,24 @@ import torch
 from scm_graph import trigflow
 from scm_graph.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from scm_graph.data.stream import Batch, batches
-from scm_graph.device import pick_device
 from scm_graph.errors import UserError
-from scm_graph.model import ZERO_INIT_EXTRAS, TrigFlowModel, build_model, copy_params, num_params
+from scm_graph.model import (
+    ZERO_INIT_EXTRAS,
+    TrigFlowModel,
+    build_model,
+    copy_params,
+    num_params,
+)
 from scm_graph.objectives import StepInputs
 from scm_graph.progress import Progress
 from scm_graph.sample.generate import Generator, generate, to_uint8
 from scm_graph.sample.grid import save_grid
 from scm_graph.spec import Spec, distils_guidance, spec_from_json, spec_to_json
+from scm_graph.train import parallel
 from scm_graph.train.distill import init_student, load_teacher, teacher_seconds
 from scm_graph.train.ema import EMA, ema_beta
+from scm_graph.train.meter import Meter
+from scm_graph.train.parallel import World
 from scm_graph.train.rundir import (
     CKPT,
     METRICS,
@@ -48,110 +55,46 @@ from scm_graph.train.rundir import (
     read_records,
     truncate_metrics,
 )
-from scm_graph.train.step import StepOut, TrainStep
+from scm_graph.train.step import TrainStep, Wrapped
 
-T_BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, math.pi / 2)  # per-t-bucket loss edges
 NONFINITE_PATIENCE = 10  # consecutive steps without an update (non-finite) before the run stops
 
 # Fields a resumed run may change; everything else must match the checkpoint's spec.
 RESUMABLE = {"train.total_images", "train.time_limit_s", "train.log_every_images", "train.sample_every_images",
              "train.ckpt_every_images", "train.eval_every_images", "train.eval_samples", "train.compile",
              "train.device", "train.precision", "train.out", "train.keep_last", "train.progress", "train.progress_every_s",
-             "data.workers", "data.root"}
+             "data.workers", "data.root",
+             "train.accum", "train.parallel", "train.dist_timeout_s"}  # the global batch stays; only its split changes
 
 
-def draw_inputs(b: Batch, gen: torch.Generator, spec: Spec, step: int, images: int, device: torch.device) -> StepInputs:
-    """All randomness of one step, drawn eagerly: z ~ N(0, sigma_d^2), tau ~ N(P_mean, P_std^2)."""
-    o = spec.objective
+def draw_inputs(b: Batch, gen: torch.Generator, spec: Spec, step: int, images: int, device: torch.device,
+                world: World | None = None) -> StepInputs:
+    """All randomness of one step, drawn eagerly: z ~ N(0, sigma_d^2), tau ~ N(P_mean, P_std^2).
+
+    `b` is this process's share of the global batch. Every process draws the noise of the *whole* global
+    batch from the same generator and keeps its own rows, so a sample's noise, time, label dropout and
+    guidance scale do not depend on how the batch is split over processes (the cost: one global batch of
+    noise per process and step).
+    """
+    o, world = spec.objective, world or World()
     x0 = b.x0.to(device, non_blocking=True)
-    z = torch.randn(x0.shape, generator=gen, device=device) * o.sigma_d
-    tau = torch.randn(x0.shape[0], generator=gen, device=device) * o.P_std + o.P_mean
+    n = x0.shape[0]
+    B = n * world.size  # the global batch
+    mine = slice(world.rank * n, (world.rank + 1) * n)  # this process's rows of the global batch
+    z = torch.randn((B, *x0.shape[1:]), generator=gen, device=device)[mine] * o.sigma_d
+    tau = torch.randn(B, generator=gen, device=device)[mine] * o.P_std + o.P_mean
     t = trigflow.sample_t(tau, o.sigma_d)  # t = arctan(e^tau / sigma_d)
     labels = b.label.to(device) if (b.label is not None and spec.net.class_conditional) else None
     if labels is not None and o.kind == "diffusion" and o.label_dropout > 0:  # CFG: some labels -> the null class (-1)
-        drop = torch.rand(labels.shape, generator=gen, device=device) < o.label_dropout
+        drop = torch.rand(B, generator=gen, device=device)[mine] < o.label_dropout
         labels = torch.where(drop, torch.full_like(labels, -1), labels)
     key = torch.tensor((spec.train.seed << 32) + step, dtype=torch.int64, device=device)  # seed < 2^31: no overflow
     r = 1.0 if o.warmup_images <= 0 else min(1.0, images / o.warmup_images)  # tangent warmup ratio
     guidance = None
     if distils_guidance(spec):  # sCD of a CFG teacher: s ~ U[s_min, s_max] per sample (sCM Sec. 6)
         lo, hi = o.guidance
-        guidance = lo + (hi - lo) * torch.rand(x0.shape[0], generator=gen, device=device)
+        guidance = lo + (hi - lo) * torch.rand(B, generator=gen, device=device)[mine]
     return StepInputs(x0, z, t, labels, key, torch.tensor(r, dtype=torch.float32, device=device), guidance)
-
-
-@dataclass
-class Meter:
-    """Accumulates step outputs on the device; `flush` returns one JSON-able record.
-
-    Masked (non-finite) samples are left out of the per-sample means and buckets, and loss and grad norm
-    average over the steps that updated the weights (not the skipped ones); a mean over nothing is null.
-    """
-
-    device: torch.device
-    n: int = 0
-    skipped: int = 0
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.inner_edges = torch.tensor(T_BUCKETS[1:-1], device=self.device)  # built once, not per step
-
-    def add(self, out: StepOut, t: torch.Tensor) -> None:
-        idx = torch.bucketize(t.float(), self.inner_edges).long()
-        nb = len(T_BUCKETS) - 1
-        ok = ~out.nonfinite
-        okf = ok.float()
-        mse = torch.where(ok, out.mse.float(), 0.0)
-        applied = not out.skipped  # an applied step has a finite loss and gradient norm
-        vals = {
-            "loss": out.loss.float() if applied else torch.zeros((), device=self.device),
-            "grad_norm": out.grad_norm.float() if applied else torch.zeros((), device=self.device),
-            "mse": mse.sum(),
-            "tangent_norm": torch.where(ok, out.tangent_norm.float(), 0.0).sum(),
-            "n_samples_ok": okf.sum(),
-            "nonfinite": out.nonfinite.sum(),
-            "bucket_sum": torch.zeros(nb, device=t.device).scatter_add_(0, idx, mse),
-            "bucket_n": torch.zeros(nb, device=t.device).scatter_add_(0, idx, okf),
-        }
-        for k, v in vals.items():
-            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
-        w = out.w.float()
-        w_lo, w_hi = torch.where(ok, w, math.inf).min(), torch.where(ok, w, -math.inf).max()
-        self.sums["w_min"] = torch.minimum(self.sums["w_min"], w_lo) if "w_min" in self.sums else w_lo
-        self.sums["w_max"] = torch.maximum(self.sums["w_max"], w_hi) if "w_max" in self.sums else w_hi
-        self.n += 1
-        self.skipped += int(out.skipped)
-
-    def state(self) -> dict:
-        """The running sums as JSON with their dtypes (a checkpoint between two metrics lines carries them; exact)."""
-        return {"n": self.n, "skipped": self.skipped,
-                "sums": {k: [str(v.dtype).removeprefix("torch."), v.cpu().flatten().tolist()] for k, v in self.sums.items()}}
-
-    def load(self, state: dict | None) -> None:
-        """Continue the sums of `state()` (none: start empty)."""
-        if not state:
-            return
-        self.n, self.skipped = int(state["n"]), int(state["skipped"])
-        shapes = {"bucket_sum": (len(T_BUCKETS) - 1,), "bucket_n": (len(T_BUCKETS) - 1,)}
-        self.sums = {k: torch.tensor(v, dtype=getattr(torch, dtype), device=self.device).reshape(shapes.get(k, ()))
-                     for k, (dtype, v) in state["sums"].items()}
-
-    def flush(self) -> dict:
-        s = {k: v.cpu() for k, v in self.sums.items()}
-        applied, n_ok = self.n - self.skipped, float(s["n_samples_ok"])
-
-        def mean(key: str, count: float) -> float | None:
-            return float(s[key]) / count if count > 0 else None
-
-        rec = {"loss": mean("loss", applied), "grad_norm": mean("grad_norm", applied),
-               "mse": mean("mse", n_ok), "tangent_norm": mean("tangent_norm", n_ok)}
-        rec["w_min"], rec["w_max"] = (float(s["w_min"]), float(s["w_max"])) if n_ok > 0 else (None, None)
-        cnt = s["bucket_n"].clamp(min=1)
-        rec["mse_by_t"] = {f"{T_BUCKETS[i]:.1f}-{T_BUCKETS[i + 1]:.1f}": round(float(s["bucket_sum"][i] / cnt[i]), 6)
-                           for i in range(len(cnt)) if s["bucket_n"][i] > 0}
-        rec["nonfinite"], rec["skipped"] = int(s["nonfinite"]), self.skipped
-        self.n, self.skipped, self.sums = 0, 0, {}
-        return rec
 
 
 def is_digits(spec: Spec) -> bool:
@@ -170,30 +113,50 @@ def evaluate_fd(g: Generator, n: int, seed: int = 0) -> dict[str, float]:
 
 
 class Run:
-    """The state of one training run and the side effects around the step."""
+    """The state of one training run and the side effects around the step.
 
-    def __init__(self, spec: Spec, out: Path, resume: bool, verify: bool = True):
-        self.spec, self.out = spec, out
-        self.device = pick_device(spec.train.device)
+    Under torchrun (`world.launched`) every process holds a Run; rank 0 alone prints, logs and writes
+    files, and every collective (gathering weights for a checkpoint or a grid) is entered by all of them.
+    """
+
+    def __init__(self, spec: Spec, out: Path, resume: bool, verify: bool = True, world: World | None = None,
+                 device: torch.device | None = None):
+        self.spec, self.out, self.world = spec, out, world or World()
+        self.device = device if device is not None else parallel.join(spec.train.device, spec.train.dist_timeout_s)[1]
         t = spec.train
         torch.manual_seed(t.seed)
         self.model: TrigFlowModel = build_model(spec).to(self.device).train()
         self.teacher = load_teacher(spec, self.device, verify) if spec.objective.kind == "scd" else None
-        self.step_fn = TrainStep(self.model, spec, teacher=self.teacher.module if self.teacher else None)
-        self.ema = EMA(self.model)
-        self.gen = torch.Generator(device=self.device).manual_seed(t.seed)
+        self.verify = verify
+        if not resume and t.init_from:
+            self._init_from(t.init_from)
+        elif not resume and self.teacher is not None and spec.objective.init_from_teacher:
+            init_student(self.model, self.teacher, spec)  # sCD: the student starts as the teacher
+        self.wrapped = self._wrap() if world.launched else None
+        self.step_fn = TrainStep(self.model, spec, teacher=self.teacher.module if self.teacher else None, wrapped=self.wrapped)
+        self.ema = EMA(self.model)  # sharded like the weights under FSDP2
+        self.gen = torch.Generator(device=self.device).manual_seed(t.seed)  # the same on every process
         self.step = self.images = 0
         self.wall = 0.0
-        self.verify = verify
         self.saved_meta: dict = {}  # the resumed checkpoint's meta (what it had still to do, its last metrics)
         self.saved_images = -1  # the count of the newest checkpoint on disk
         if resume:
             self._load(out / CKPT)
-        elif t.init_from:
-            self._init_from(t.init_from)
-        elif self.teacher is not None and spec.objective.init_from_teacher:
-            init_student(self.model, self.teacher, spec)  # sCD: the student starts as the teacher
-            self.ema = EMA(self.model)
+
+    def _wrap(self) -> Wrapped:
+        """DDP or FSDP2 around the model, and the plain module the JVP pass runs on."""
+        spec = self.spec
+        if spec.train.parallel == "fsdp" and spec.train.precision == "fp16":
+            raise UserError("train.precision fp16 is not supported with train.parallel fsdp (its loss scaler would "
+                            "see only this process's shard of the gradients); use bf16")
+        if spec.train.parallel == "fsdp":
+            with torch.random.fork_rng(devices=[]), torch.device("meta"):
+                plain = build_model(spec).train()  # structure only: weights and buffers come in through functional_call
+        else:
+            plain = self.model
+        module = parallel.wrap(self.model, spec.train.parallel, self.world, self.device,
+                               all_used=spec.objective.adaptive_weighting)
+        return Wrapped(module, plain, self.world)
 
     # --- state in and out -------------------------------------------------------------------
     def _init_from(self, path: str) -> None:
@@ -202,64 +165,91 @@ class Run:
             copy_params(self.model, ckpt.ema if ckpt.ema is not None else ckpt.net, allow_missing=ZERO_INIT_EXTRAS)
         except ValueError as e:
             raise UserError(f"train.init_from {path}: {e}") from None
-        self.ema = EMA(self.model)
 
     def _load(self, path: Path) -> None:
         ckpt = load_checkpoint(path, map_location=self.device, verify=self.verify)
         check_resumable(spec_from_json(ckpt.spec_json), self.spec, path)
-        copy_params(self.model, ckpt.net)
-        self.ema.load(ckpt.ema)
-        self.step_fn.optimizer.load_state_dict(ckpt.optim)
+        if self.world.launched:  # any number of processes: each keeps its own shard of the full tensors
+            parallel.copy_full(dict(self.model.named_parameters()), ckpt.net)
+            parallel.copy_full(self.ema.params, ckpt.ema)
+            parallel.load_optimizer_state(self.model, self.step_fn.optimizer, ckpt.optim)
+        else:
+            copy_params(self.model, ckpt.net)
+            self.ema.load(ckpt.ema)
+            self.step_fn.optimizer.load_state_dict(ckpt.optim)
         if self.step_fn.scaler.is_enabled() and ckpt.scaler:  # fp16 resumed from fp16: the exact loss scale
             self.step_fn.scaler.load_state_dict(ckpt.scaler)
         self.gen.set_state(ckpt.rng["noise"])
-        torch.set_rng_state(ckpt.rng["torch_cpu"])
+        own = f"torch_cpu.rank{self.world.rank}"
+        torch.set_rng_state(ckpt.rng[own] if own in ckpt.rng else ckpt.rng["torch_cpu"])
         self.step, self.images, self.wall = ckpt.step, ckpt.images, float(ckpt.meta.get("wall_s", 0.0))
         self.saved_meta, self.saved_images = ckpt.meta, ckpt.images
-        truncate_metrics(self.out / METRICS, self.images)
+        if self.world.main:
+            truncate_metrics(self.out / METRICS, self.images)
+
+    def _finite(self) -> bool:
+        """Whether every weight and EMA weight is finite, on every process."""
+        weights = [*self.model.parameters(), *self.ema.params.values()]
+        ok = torch.stack([torch.isfinite(parallel.shard(w)).all() for w in weights]).all().long()
+        return bool(parallel.all_reduce(ok, "min", self.world))
 
     def save(self, extra: dict | None = None) -> None:
-        weights = [*self.model.parameters(), *self.ema.params.values()]
-        if not bool(torch.stack([torch.isfinite(w).all() for w in weights]).all()):  # never a NaN checkpoint
+        """An atomic checkpoint of the full state; under torchrun gathered onto rank 0, which writes it, and no
+        process goes on before it is on disk."""
+        if not self._finite():  # never a NaN checkpoint
             kept = f"the last checkpoint {self.out / CKPT} is kept" if (self.out / CKPT).exists() else "no checkpoint was written"
             raise UserError(f"the weights are not finite at step {self.step} (images {self.images}); {kept}")
-        ckpt = Checkpoint(
-            spec_json=spec_to_json(self.spec),
-            step=self.step,
-            images=self.images,
-            net={k: v.detach() for k, v in self.model.named_parameters()},
-            ema=self.ema.params,
-            optim=self.step_fn.optimizer.state_dict(),
-            rng={"noise": self.gen.get_state(), "torch_cpu": torch.get_rng_state()},
-            scaler=self.step_fn.scaler.state_dict() if self.step_fn.scaler.is_enabled() else None,
-            meta={"objective": self.spec.objective.kind, "wall_s": self.wall, **(extra or {})},
-        )
-        save_checkpoint(self.out / CKPT, ckpt)
+        w = self.world
+        rng = {"noise": self.gen.get_state(), "torch_cpu": torch.get_rng_state()}
+        if w.launched:
+            net = parallel.full_weights({k: v for k, v in self.model.named_parameters()}, w)
+            ema = parallel.full_weights(self.ema.params, w)
+            optim = parallel.full_optimizer_state(self.model, self.step_fn.optimizer, w)
+            states = parallel.gather_objects(torch.get_rng_state(), w)
+            rng.update({f"torch_cpu.rank{r}": s for r, s in enumerate(states or []) if r > 0})
+        else:
+            net, ema = {k: v.detach() for k, v in self.model.named_parameters()}, self.ema.params
+            optim = self.step_fn.optimizer.state_dict()
+        if w.main:
+            ckpt = Checkpoint(
+                spec_json=spec_to_json(self.spec),
+                step=self.step,
+                images=self.images,
+                net=net,
+                ema=ema,
+                optim=optim,
+                rng=rng,
+                scaler=self.step_fn.scaler.state_dict() if self.step_fn.scaler.is_enabled() else None,
+                meta={"objective": self.spec.objective.kind, "wall_s": self.wall, **(extra or {})},
+            )
+            save_checkpoint(self.out / CKPT, ckpt)
+            keep_copy(self.out, self.images, self.spec.train.keep_last)
+        parallel.barrier(w)  # every process knows the checkpoint is on disk
         self.saved_images = self.images
-        keep_copy(self.out, self.images, self.spec.train.keep_last)
 
-    def generator(self) -> Generator:
+    def generator(self, ema: dict[str, torch.Tensor] | None = None) -> Generator:
         with torch.random.fork_rng(devices=[]):  # building a model must not move the global RNG
             model = build_model(self.spec).to(self.device).eval()
-        copy_params(model, self.ema.params)
+        copy_params(model, self.ema.params if ema is None else ema)
         return Generator(model, self.spec, self.device)
 
     def log(self, rec: dict) -> None:
-        with open(self.out / METRICS, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if self.world.main:
+            with open(self.out / METRICS, "a") as f:
+                f.write(json.dumps(rec) + "\n")
 
     def grid_path(self) -> Path:
         return self.out / "grids" / f"grid-{self.images:012d}.png"
 
-    def grid(self) -> Path:
-        g = self.generator()
+    def grid(self, ema: dict[str, torch.Tensor] | None = None) -> Path:
+        g = self.generator(ema)
         steps = 2 if g.is_consistency else 18
         save_grid(to_uint8(generate(g, 64, steps=steps, seed=self.spec.train.seed), self.spec), self.grid_path())
         return self.grid_path()
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, ema: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
         """FD of the EMA's samples, logged as an 'eval' event."""
-        fd = evaluate_fd(self.generator(), self.spec.train.eval_samples)
+        fd = evaluate_fd(self.generator(ema), self.spec.train.eval_samples)
         self.log({"event": "eval", "images": self.images, **fd})
         return fd
 
@@ -268,19 +258,25 @@ class Run:
 
         Idempotent (a grid on disk or an eval in the log at this count is not redone), so a resumed run
         finishes what a killed one had still to do; the global RNG is left as the checkpoint saved it.
+        Under torchrun rank 0 does the work on the gathered EMA while the others wait for it.
         """
+        if not (grid or evaluate):
+            return
+        ema = parallel.full_weights(self.ema.params, self.world) if self.world.launched else None
         try:
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                if grid and not self.grid_path().exists():
-                    self.grid()
-                if evaluate:
-                    done = [r for r in read_records(self.out / METRICS) if r.get("event") == "eval" and r["images"] == self.images]
-                    last.update({k: v for k, v in done[-1].items() if k.startswith("fd_")} if done else self.evaluate())
+            if self.world.main:
+                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                    if grid and not self.grid_path().exists():
+                        self.grid(ema)
+                    if evaluate:
+                        done = [r for r in read_records(self.out / METRICS) if r.get("event") == "eval" and r["images"] == self.images]
+                        last.update({k: v for k, v in done[-1].items() if k.startswith("fd_")} if done else self.evaluate(ema))
         except UserError as e:
             if self.saved_images == self.images:
                 raise UserError(f"{e} (the trained state at {self.images} images is saved in {self.out / CKPT}; "
                                 "--resume finishes this work)") from None
             raise
+        parallel.barrier(self.world)
 
 
 def check_resumable(saved: Spec, now: Spec, path: Path) -> None:
@@ -316,39 +312,45 @@ def train(spec: Spec, out: Path, resume: bool = False, progress: bool = True, ve
     At each count that is due: the metrics line, then the checkpoint, then the optional work (grid,
     evaluation), so nothing optional can lose trained state. `progress=False` silences the progress
     display (warnings still print); otherwise `train.progress` decides. `verify` checks checkpoint checksums.
+    Started by torchrun, every process runs this with its share of each global batch (scm_graph.train.parallel).
     """
     t = spec.train
-    for note in prepare(out, resume):
-        print(note, file=sys.stderr, flush=True)
-    run = Run(spec, out, resume, verify)
-    stream = batches(spec.data, spec.objective.sigma_d, t.batch, t.seed, start_images=run.images)
+    world, device = parallel.join(t.device, t.dist_timeout_s)
+    local_batch = parallel.check_batch(t.batch, t.accum, world) * t.accum  # this process's share of a step
+    if world.main:
+        for note in prepare(out, resume):
+            print(note, file=sys.stderr, flush=True)
+    parallel.barrier(world)  # the run folder is ready
+    run = Run(spec, out, resume, verify, world, device)
+    stream = batches(spec.data, spec.objective.sigma_d, local_batch, t.seed, start_images=run.images // world.size,
+                     rank=world.rank, world_size=world.size)
     if not resume:
         run.log({"event": "start", "images": 0, "params": num_params(run.model), "device": str(run.device),
-                 "spec": json.loads(spec_to_json(spec))})
+                 "processes": world.size, "spec": json.loads(spec_to_json(spec))})
     last = dict(run.saved_meta.get("last", {}))
     ended = [r for r in read_records(out / METRICS) if r.get("event") == "end" and r["images"] == run.images]
-    if resume and ended and run.images >= t.total_images:
-        return ended[-1]  # this run had already finished
+    if resume and parallel.same_everywhere(bool(ended), world) and run.images >= t.total_images:
+        return ended[-1] if ended else {}  # this run had already finished
     due = run.saved_meta.get("due", {})
     run.optional_work(due.get("grid", False), due.get("eval", False), last)  # what a killed run had still to do
-    meter = Meter(run.device)
+    meter = Meter(run.device, world)
     meter.load(run.saved_meta.get("meter"))  # the steps since the last metrics line, when the checkpoint fell between two
     rate_t0, rate_img0 = time.perf_counter(), run.images
     t_start, wall0 = time.perf_counter(), run.wall
     warned, stalled = False, 0  # non-finite: announced yet?  consecutive steps without an update
-    mode = t.progress if progress else "off"
+    mode = t.progress if progress and world.main else "off"
     with Progress(spec.name, t.total_images, run.images, mode, t.progress_every_s) as bar:
         while run.images < t.total_images:
-            inp = draw_inputs(next(stream), run.gen, spec, run.step, run.images, run.device)
-            out_step = run.step_fn(inp)
+            inp = draw_inputs(next(stream), run.gen, spec, run.step, run.images, run.device, world)
+            out_step = run.step_fn(inp, first=world.rank * local_batch)
             if out_step.n_nonfinite and not warned:
                 warned = True
-                bar.note(f"warning: step {run.step + 1}: {out_step.n_nonfinite} of {len(out_step.nonfinite)} samples "
+                bar.note(f"warning: step {run.step + 1}: {out_step.n_nonfinite} of {out_step.n_samples} samples "
                          "had a non-finite tangent or prediction and were masked (loss weight 0); "
                          "metrics.jsonl counts them under 'nonfinite'")
             stalled = stalled + 1 if out_step.skipped and not out_step.loss_scale_overflow else 0
             if stalled >= NONFINITE_PATIENCE:  # raise before the EMA, the metrics or a checkpoint see this step
-                why = ("every sample had a non-finite tangent or prediction" if out_step.n_nonfinite == len(out_step.nonfinite)
+                why = ("every sample had a non-finite tangent or prediction" if out_step.n_nonfinite == out_step.n_samples
                        else "the loss or gradient norm was not finite")
                 kept = f"the last checkpoint {out / CKPT} is kept" if (out / CKPT).exists() else "no checkpoint was written"
                 raise UserError(f"{why} for {stalled} consecutive steps (up to step {run.step + 1}); training stopped, {kept}")
@@ -356,7 +358,8 @@ def train(spec: Spec, out: Path, resume: bool = False, progress: bool = True, ve
             meter.add(out_step, inp.t)
             before, run.images, run.step = run.images, run.images + t.batch, run.step + 1
             run.wall = wall0 + time.perf_counter() - t_start
-            stop = t.time_limit_s > 0 and run.wall >= t.time_limit_s
+            stop = t.time_limit_s > 0 and bool(parallel.all_reduce(  # every process stops at the same step
+                torch.tensor(int(run.wall >= t.time_limit_s)), "max", world))
             done = run.images >= t.total_images or stop
             if _every(before, run.images, t.log_every_images) or done:
                 rec = meter.flush()
@@ -364,7 +367,7 @@ def train(spec: Spec, out: Path, resume: bool = False, progress: bool = True, ve
                 ips = (run.images - rate_img0) / max(now - rate_t0, 1e-9)
                 rate_t0, rate_img0 = now, run.images
                 r = float(inp.r)
-                if run.teacher is not None:  # sCD: the teacher's share of the step time (timing, like img_per_s)
+                if run.teacher is not None and world.main:  # sCD: the teacher's share of the step time (timing, like img_per_s)
                     rec["teacher_share"] = round(min(1.0, teacher_seconds(run.teacher.module, inp, t.precision) * ips / t.batch), 3)
                 last = {"images": run.images, "step": run.step, **rec, "r": r, "img_per_s": round(ips, 1), "wall_s": round(run.wall, 2)}
                 run.log(last)

@@ -1,5 +1,12 @@
 """The train step: objective forward (with its JVP) compiled by torch.compile, then backward and update.
 
+A step takes this process's share of the global batch and runs it as `train.accum` micro-batches,
+accumulating gradients (each micro-batch's loss is divided by accum; the objectives average over the
+batch with masked samples counted as zeros, so any split gives the whole batch's gradient).
+Under torchrun (`Wrapped`) the objective is cut in two (`scm_graph.objectives.Passes`): the no-gradient
+JVP pass on the plain full weights, then the gradient pass through the DDP / FSDP2 wrapper, which
+reduces the gradients once per step; the skip decision is agreed by all processes.
+
 `torch.compile` traces the objective (jvp + loss) inside its autocast region (`TrainSpec.precision`),
 so Dynamo sees the casts; AOTAutograd compiles its backward graph too, so the whole
 forward-JVP-backward runs compiled. `compile=False` runs exactly the same Python eagerly.
@@ -11,14 +18,17 @@ every sample was masked, skips the optimiser update (fp16: the GradScaler also b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor, nn
 
-from scm_graph.objectives import ObjectiveOut, StepInputs, get_objective
+from scm_graph.objectives import ObjectiveOut, StepInputs, get_objective, get_passes
 from scm_graph.precision import amp_dtype, autocast, make_scaler
 from scm_graph.spec import OptimSpec, Spec
+from scm_graph.train import parallel
+from scm_graph.train.parallel import World
 
 
 @dataclass
@@ -29,9 +39,10 @@ class StepOut:
     tangent_norm: Tensor  # [B]
     grad_norm: Tensor  # []
     nonfinite: Tensor  # [B] bool: samples masked out by the objective (loss weight 0)
-    n_nonfinite: int  # their count
+    n_nonfinite: int  # their count over the global batch (all processes)
     skipped: bool  # the optimiser update was skipped (non-finite loss / gradient, or every sample masked)
     loss_scale_overflow: bool = False  # fp16: the skip was the loss scaler backing off (expected now and then)
+    n_samples: int = 0  # the global batch size (all processes)
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: OptimSpec) -> torch.optim.Optimizer:
@@ -39,37 +50,108 @@ def make_optimizer(params: list[nn.Parameter], cfg: OptimSpec) -> torch.optim.Op
     return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
+@dataclass
+class Wrapped:
+    """A network under torchrun: the wrapper the gradient pass goes through, and the plain module the JVP pass
+    runs on with the full weights (`parallel.full_params`): DDP's own module, or for FSDP2 a twin on the meta
+    device (structure only; its weights and buffers always come in through functional_call)."""
+
+    module: nn.Module
+    plain: nn.Module
+    world: World
+
+
+def micro_batches(inp: StepInputs, accum: int, first: int) -> list[StepInputs]:
+    """`inp` cut into `accum` equal micro-batches; each one's dropout key carries the index of its first sample
+    in the global batch (`first` is that of `inp`), so dropout masks do not depend on the split."""
+    if accum == 1 and first == 0:
+        return [inp]
+    b = inp.x0.shape[0] // accum
+    out = []
+    for m in range(accum):
+        part = {f.name: getattr(inp, f.name) for f in fields(inp)}
+        for k, v in part.items():
+            if k not in ("dropout_key", "r") and v is not None:
+                part[k] = v[m * b:(m + 1) * b]
+        key = inp.dropout_key.reshape(-1)[0]
+        part["dropout_key"] = torch.stack([key, torch.full_like(key, first + m * b)])  # [key, i0]
+        out.append(StepInputs(**part))
+    return out
+
+
 class TrainStep:
-    def __init__(self, model: nn.Module, spec: Spec, compile: bool | None = None, teacher: nn.Module | None = None):
+    def __init__(self, model: nn.Module, spec: Spec, compile: bool | None = None, teacher: nn.Module | None = None,
+                 wrapped: Wrapped | None = None):
         self.model = model
         self.params = dict(model.named_parameters())
         self.grad_clip = spec.optim.grad_clip
+        self.accum = spec.train.accum
+        self.wrapped = wrapped
+        self.world = wrapped.world if wrapped else World()
         self.optimizer = make_optimizer(list(self.params.values()), spec.optim)
         objective, cfg = get_objective(spec.objective.kind, teacher), spec.objective  # sCD: the frozen teacher
         self.precision = spec.train.precision
         amp_dtype(self.precision)  # one-line error for an unknown precision, before any compilation
         device_type = next(iter(self.params.values())).device.type
+        self.device_type = device_type
         self.scaler = make_scaler(device_type, self.precision)  # fp16 only; a no-op otherwise
         precision = self.precision
+        compile = spec.train.compile if compile is None else compile
 
         def loss_fn(params, x0, z, t, labels, dropout_key, r, guidance):
             with autocast(device_type, precision):  # inside the compiled function, so Dynamo traces the casts
                 return objective(model, params, StepInputs(x0, z, t, labels, dropout_key, r, guidance), cfg).as_tuple()
 
-        compile = spec.train.compile if compile is None else compile
         self.loss_fn = torch.compile(loss_fn, fullgraph=True, dynamic=False) if compile else loss_fn
+        if wrapped is not None:
+            passes, plain = get_passes(spec.objective.kind, teacher), wrapped.plain
+            self.finish = passes.finish
+            self.adaptive = cfg.adaptive_weighting
 
-    def __call__(self, inp: StepInputs) -> StepOut:
-        out = ObjectiveOut(*self.loss_fn(self.params, inp.x0, inp.z, inp.t, inp.labels, inp.dropout_key, inp.r, inp.guidance))
+            def prepare_fn(params, x0, z, t, labels, dropout_key, r, guidance):
+                with torch.no_grad(), autocast(device_type, precision):
+                    return passes.prepare(plain, params, StepInputs(x0, z, t, labels, dropout_key, r, guidance), cfg)
+
+            self.prepare_fn = torch.compile(prepare_fn, fullgraph=True, dynamic=False) if compile else prepare_fn
+            self.forward_fn = torch.compile(wrapped.module) if compile else wrapped.module
+
+    def _micro(self, inp: StepInputs) -> ObjectiveOut:
+        """The loss of one micro-batch, its gradient pass still to run backward."""
+        if self.wrapped is None:
+            return ObjectiveOut(*self.loss_fn(self.params, inp.x0, inp.z, inp.t, inp.labels, inp.dropout_key, inp.r, inp.guidance))
+        full = parallel.full_params(self.model)  # DDP: the weights themselves; FSDP2: gathered (one full copy)
+        prep = self.prepare_fn(full, inp.x0, inp.z, inp.t, inp.labels, inp.dropout_key, inp.r, inp.guidance)
+        del full
+        with autocast(self.device_type, self.precision):
+            out = self.forward_fn(*prep.inputs.forward_args(prep.x_t), weight=self.adaptive)
+            F, w = out if self.adaptive else (out, torch.zeros_like(prep.inputs.t))
+            return self.finish(F, w, prep)
+
+    def __call__(self, inp: StepInputs, first: int = 0) -> StepOut:
+        """One optimiser step on `inp`, this process's share of the global batch, whose first sample is sample
+        `first` of the global batch."""
         params = list(self.params.values())
-        self.scaler.scale(out.loss).backward()  # scale(): identity unless fp16
+        outs = []
+        parts = micro_batches(inp, self.accum, first)
+        for m, part in enumerate(parts):
+            last = m == len(parts) - 1
+            sync = parallel.no_sync(self.wrapped.module, last) if self.wrapped else nullcontext()
+            with sync:
+                out = self._micro(part)
+                loss = out.loss / self.accum if self.accum > 1 else out.loss
+                self.scaler.scale(loss).backward()  # scale(): identity unless fp16
+            outs.append(out)
         self.scaler.unscale_(self.optimizer)  # true gradients before clipping and the norm (no-op unless fp16)
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        grad_norm = parallel.local(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+        out = ObjectiveOut(torch.stack([o.loss.detach() for o in outs]).mean(), *(torch.cat([getattr(o, k) for o in outs])
+                           for k in ("mse", "w", "tangent_norm", "nonfinite")))
         # one host sync: how many samples were masked, and whether loss and gradient norm are finite
-        flags = torch.stack([out.nonfinite.sum(), torch.isfinite(out.loss).long(), torch.isfinite(grad_norm).long()])
-        n_bad, loss_ok, grad_ok = flags.tolist()
-        some_ok = n_bad < out.nonfinite.numel()  # an all-masked batch carries no signal: no update
+        flags = torch.stack([out.nonfinite.sum(), (~torch.isfinite(out.loss)).long(), (~torch.isfinite(grad_norm)).long(),
+                             torch.tensor(out.nonfinite.numel(), device=out.loss.device)])
+        n_bad, loss_bad, grad_bad, n = parallel.all_reduce(flags, "sum", self.world).tolist()  # every process decides alike
+        loss_ok, grad_ok = not loss_bad, not grad_bad
+        some_ok = n_bad < n  # an all-masked batch carries no signal: no update
         apply = bool(loss_ok and grad_ok) and some_ok
         if apply:
             self.scaler.step(self.optimizer)  # = optimizer.step() unless fp16 (whose own inf check agrees here)
@@ -77,5 +159,5 @@ class TrainStep:
             self.scaler.update()  # fp16: backs the scale off after an overflow, grows it after clean steps
         self.optimizer.zero_grad(set_to_none=True)
         overflow = self.scaler.is_enabled() and bool(loss_ok) and not grad_ok and some_ok
-        return StepOut(out.loss.detach(), out.mse, out.w, out.tangent_norm, grad_norm.detach(), out.nonfinite,
-                       int(n_bad), not apply, overflow)
+        return StepOut(out.loss, out.mse, out.w, out.tangent_norm, grad_norm.detach(), out.nonfinite,
+                       int(n_bad), not apply, overflow, int(n))

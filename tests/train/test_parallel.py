@@ -1,0 +1,171 @@
+"""Multi-process training (scm_graph.train.parallel) on the CPU: torchrun, gloo, 2 processes.
+
+- The wrapped step equals one process: 2 processes x B/2 under DDP and FSDP2, with accum 1 and 2, against
+  one plain process x B (same images, noise, times, dropout key), for sCT, sCD and diffusion, in float64:
+  losses and parameters after 3 steps, and the JVP pass on the gathered weights (tests/train/parallel_worker.py).
+- Gradient accumulation in one process equals the whole batch.
+- Through the CLI under torchrun: an interrupted and resumed 2-process run equals the uninterrupted one;
+  resuming with 2 processes from a 1-process checkpoint (and back, through FSDP2) continues the same global
+  batch and image count; a process killed mid-run stops the job (one line per process) and the last
+  checkpoint loads; a global batch that does not split is one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from scm_graph.checkpoint import load_checkpoint
+from scm_graph.model import build_model
+from scm_graph.objectives import StepInputs
+from scm_graph.spec import ObjectiveSpec, OptimSpec
+from scm_graph.train.step import TrainStep
+from tests.helpers import (
+    REPO,
+    SPECS,
+    assert_tensors_identical,
+    cli_env,
+    step_records,
+    tiny_args,
+    tiny_spec,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("scm_cache")]
+
+# float64 sums of the same terms in another order differ by a few ulp; 2 processes reduce in a different
+# order than one, so "identical" means within 1e-12 here (the updates themselves are about 1e-3).
+TOL = 1e-12
+
+
+def torchrun(*args: str, n: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), *args]
+
+
+def train_cmd(out: Path, root: Path, total: int, *extra: str, n: int = 2) -> list[str]:
+    args = ["-m", "scm_graph.train", str(SPECS / "digits_sct.py"), *tiny_args(root, out, total, "--net.dropout", "0.1"), *extra]
+    return torchrun(*args, n=n) if n else [sys.executable, *args]
+
+
+def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(REPO), env=cli_env())
+
+
+def ok(res: subprocess.CompletedProcess) -> None:
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_wrapped_steps_equal_one_process(tmp_path):
+    out = tmp_path / "results.json"
+    ok(run(torchrun("-m", "tests.train.parallel_worker", str(out)), timeout=600))
+    results = json.loads(out.read_text())
+    assert len(results) == 12  # {sct, scd, diffusion} x {ddp, fsdp} x accum {1, 2}
+    for case, r in results.items():
+        assert r["moved"] > 1e-4, case  # the 3 steps really trained
+        assert r["loss"] < TOL and r["params"] < TOL and r["jvp"] < TOL, (case, r)
+
+
+def test_accumulation_equals_the_whole_batch():
+    """accum 2 x B/2 in one process gives the parameters of one step on B (sCT, dropout on, float64)."""
+    spec = tiny_spec(dropout=0.2)
+    spec = dataclasses.replace(spec, objective=ObjectiveSpec(sigma_d=0.5, warmup_images=0), optim=OptimSpec(kind="adam", lr=1e-3))
+    g = torch.Generator().manual_seed(0)
+    data = [StepInputs(torch.randn(8, 1, 8, 8, generator=g, dtype=torch.float64) * 0.5,
+                       torch.randn(8, 1, 8, 8, generator=g, dtype=torch.float64) * 0.5,
+                       torch.rand(8, generator=g, dtype=torch.float64) + 0.1, None, torch.tensor(7 + s),
+                       torch.tensor(1.0, dtype=torch.float64)) for s in range(3)]
+    params = []
+    for accum in (1, 2, 4):
+        s = dataclasses.replace(spec, train=dataclasses.replace(spec.train, accum=accum, compile=False))
+        torch.manual_seed(0)
+        model = build_model(s).double()
+        step = TrainStep(model, s)
+        for inp in data:
+            step(inp)
+        params.append({k: v.detach().clone() for k, v in model.named_parameters()})
+    for other in params[1:]:
+        assert max(float((other[k] - params[0][k]).abs().max()) for k in other) < TOL
+
+
+def test_resumed_two_process_run_equals_the_uninterrupted_one(tmp_path, shard_root):
+    ok(run(train_cmd(tmp_path / "a", shard_root, 64)))
+    ok(run(train_cmd(tmp_path / "b", shard_root, 32)))
+    res = run(train_cmd(tmp_path / "b", shard_root, 64, "--resume"))
+    ok(res)
+    assert res.stdout.count("done:") == 1  # rank 0 alone prints
+    assert step_records(tmp_path / "a") == step_records(tmp_path / "b")
+    a, b = load_checkpoint(tmp_path / "a" / "ckpt.safetensors"), load_checkpoint(tmp_path / "b" / "ckpt.safetensors")
+    assert (a.step, a.images) == (b.step, b.images) == (4, 64)
+    assert_tensors_identical(a.net, b.net)
+    assert_tensors_identical(a.ema, b.ema)
+    for i in a.optim["state"]:
+        assert_tensors_identical(a.optim["state"][i], b.optim["state"][i])
+
+
+def test_resume_changes_the_number_of_processes(tmp_path, shard_root):
+    """1 process -> 2 (FSDP2) -> 1: the global batch and the image count go on; the sharded state round-trips."""
+    out = tmp_path / "run"
+    ok(run(train_cmd(out, shard_root, 32, n=0)))
+    first = load_checkpoint(out / "ckpt.safetensors")
+    ok(run(train_cmd(out, shard_root, 64, "--resume", "--train.parallel", "fsdp")))
+    mid = load_checkpoint(out / "ckpt.safetensors")
+    assert (mid.step, mid.images) == (4, 64)
+    full = {k: v.shape for k, v in first.net.items()}
+    assert {k: v.shape for k, v in mid.net.items()} == full == {k: v.shape for k, v in mid.ema.items()}  # gathered, not shards
+    ok(run(train_cmd(out, shard_root, 96, "--resume", n=0)))
+    end = load_checkpoint(out / "ckpt.safetensors")
+    assert (end.step, end.images) == (6, 96)
+    steps = step_records(out)
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps.values())
+    # the optimiser state went through the sharded load and the gathered save whole: Adam's step count is 6
+    assert all(int(s["step"]) == 6 for s in end.optim["state"].values())
+
+
+def test_a_killed_process_stops_the_job(tmp_path, shard_root):
+    out = tmp_path / "run"
+    cmd = train_cmd(out, shard_root, 1_000_000, "--train.ckpt_every_images", "64")
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO), env=cli_env())
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "ckpt.safetensors").exists() or len(step_records(out)) < 8:
+            assert job.poll() is None and time.monotonic() < deadline, "the job did not get going"
+            time.sleep(0.2)
+        workers = _children(job.pid)
+        rank1 = next(p for p in workers if _env(p).get("RANK") == "1")
+        os.kill(rank1, signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = job.communicate(timeout=60)  # bounded: torchrun stops the rest at once
+        assert time.monotonic() - killed < 60
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0
+    assert "error: rank 0: " in err, err[-2000:]
+    ckpt = load_checkpoint(out / "ckpt.safetensors")  # whole: checksums verified
+    assert ckpt.images % 64 == 0 and ckpt.images > 0
+
+
+def _children(pid: int) -> list[int]:
+    res = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in res.stdout.split()]
+
+
+def _env(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(kv.decode(errors="replace").split("=", 1) for kv in raw if b"=" in kv)
+
+
+def test_a_batch_that_does_not_split_is_one_line(tmp_path, shard_root):
+    res = run(train_cmd(tmp_path / "r", shard_root, 64, "--train.batch", "10", "--train.accum", "2"))
+    assert res.returncode != 0
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]
+    assert lines and all("train.batch 10 does not divide into 2 processes x train.accum 2" in ln for ln in lines), res.stderr[-2000:]
