@@ -132,7 +132,7 @@ class Run:
             self._init_from(t.init_from)
         elif not resume and self.teacher is not None and spec.objective.init_from_teacher:
             init_student(self.model, self.teacher, spec)  # sCD: the student starts as the teacher
-        self.wrapped = self._wrap() if world.launched else None
+        self.wrapped = self._wrap() if self.world.launched else None
         self.step_fn = TrainStep(self.model, spec, teacher=self.teacher.module if self.teacher else None, wrapped=self.wrapped)
         self.ema = EMA(self.model)  # sharded like the weights under FSDP2
         self.gen = torch.Generator(device=self.device).manual_seed(t.seed)  # the same on every process
@@ -359,7 +359,7 @@ def train(spec: Spec, out: Path, resume: bool = False, progress: bool = True, ve
             before, run.images, run.step = run.images, run.images + t.batch, run.step + 1
             run.wall = wall0 + time.perf_counter() - t_start
             stop = t.time_limit_s > 0 and bool(parallel.all_reduce(  # every process stops at the same step
-                torch.tensor(int(run.wall >= t.time_limit_s)), "max", world))
+                torch.tensor(int(run.wall >= t.time_limit_s), device=run.device), "max", world))
             done = run.images >= t.total_images or stop
             if _every(before, run.images, t.log_every_images) or done:
                 rec = meter.flush()

@@ -117,8 +117,8 @@ def _poison_inputs(monkeypatch, samples: slice, from_step: int = 0) -> None:
     """Make draw_inputs put an inf into x0 of `samples` from step `from_step` on (a non-finite tangent)."""
     draw = tr.draw_inputs
 
-    def poisoned(b, gen, spec, step, images, device):
-        inp = draw(b, gen, spec, step, images, device)
+    def poisoned(b, gen, spec, step, images, device, world=None):
+        inp = draw(b, gen, spec, step, images, device, world)
         if step >= from_step:
             inp.x0[samples, 0, 0, 0] = float("inf")
         return inp
