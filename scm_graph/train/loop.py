@@ -344,10 +344,11 @@ def train(spec: Spec, out: Path, resume: bool = False, progress: bool = True, ve
             inp = draw_inputs(next(stream), run.gen, spec, run.step, run.images, run.device, world)
             out_step = run.step_fn(inp, first=world.rank * local_batch)
             if out_step.n_nonfinite and not warned:
-                warned = True
-                bar.note(f"warning: step {run.step + 1}: {out_step.n_nonfinite} of {out_step.n_samples} samples "
-                         "had a non-finite tangent or prediction and were masked (loss weight 0); "
-                         "metrics.jsonl counts them under 'nonfinite'")
+                warned = True  # counted over every process; rank 0 says it
+                if world.main:
+                    bar.note(f"warning: step {run.step + 1}: {out_step.n_nonfinite} of {out_step.n_samples} samples "
+                             "had a non-finite tangent or prediction and were masked (loss weight 0); "
+                             "metrics.jsonl counts them under 'nonfinite'")
             stalled = stalled + 1 if out_step.skipped and not out_step.loss_scale_overflow else 0
             if stalled >= NONFINITE_PATIENCE:  # raise before the EMA, the metrics or a checkpoint see this step
                 why = ("every sample had a non-finite tangent or prediction" if out_step.n_nonfinite == out_step.n_samples

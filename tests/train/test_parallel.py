@@ -168,4 +168,37 @@ def test_a_batch_that_does_not_split_is_one_line(tmp_path, shard_root):
     res = run(train_cmd(tmp_path / "r", shard_root, 64, "--train.batch", "10", "--train.accum", "2"))
     assert res.returncode != 0
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]
-    assert lines and all("train.batch 10 does not divide into 2 processes x train.accum 2" in ln for ln in lines), res.stderr[-2000:]
+    want = "train.batch 10 does not divide into 2 processes x train.accum 2 micro-batches"
+    assert f"error: rank 0: {want}" in lines, res.stderr[-2000:]
+    assert all(want in ln or ln.startswith(("error: rank 1: stopped", "error: rank 1: lost")) for ln in lines), lines
+
+
+def poison_cmd(out: Path, root: Path, ranks: str, total: int, *extra: str) -> list[str]:
+    args = ["-m", "tests.train.poison_runner", ranks, "2", "--", str(SPECS / "digits_sct.py"), *tiny_args(root, out, total), *extra]
+    return torchrun(*args)
+
+
+def test_processes_agree_on_nonfinite_batches(tmp_path, shard_root):
+    """Rank 1's samples all non-finite from the 3rd step: masked and counted over both processes, the updates go on
+    with rank 0's samples (both processes apply them, so the weights stay one network); both ranks' samples
+    non-finite: every process stops at the same step with the same line, and the last checkpoint is kept."""
+    out = tmp_path / "half"
+    ok(run(poison_cmd(out, shard_root, "1", 64)))
+    steps = step_records(out)
+    assert [steps[s]["nonfinite"] for s in (1, 2, 3, 4)] == [0, 0, 8, 8]  # from the 3rd step: 8 of its 16 samples
+    assert all(steps[s]["skipped"] == 0 for s in steps)
+    assert all(torch.isfinite(v).all() for v in load_checkpoint(out / "ckpt.safetensors").net.values())
+
+    out = tmp_path / "all"
+    res = run(poison_cmd(out, shard_root, "0,1", 320, "--train.ckpt_every_images", "16"))
+    assert res.returncode != 0
+    lines = sorted(ln for ln in res.stderr.splitlines() if ln.startswith("error: rank "))
+    want = ("every sample had a non-finite tangent or prediction for 10 consecutive steps (up to step 12); "
+            f"training stopped, the last checkpoint {out / 'ckpt.safetensors'} is kept")
+    # rank 1 halts at the same step, unless rank 0's exit reaches it first: torchrun's stop, or a collective
+    # that loses rank 0 (one line either way)
+    others = ("error: rank 1: stopped, because another process of the job failed", "error: rank 1: lost the other processes")
+    assert lines[0] == f"error: rank 0: {want}", res.stderr[-2000:]
+    assert len(lines) == 2 and (lines[1] == f"error: rank 1: {want}" or lines[1].startswith(others)), lines
+    kept = load_checkpoint(out / "ckpt.safetensors")  # written at step 11; the halting step 12 wrote nothing
+    assert kept.images == 176 and all(torch.isfinite(v).all() for v in kept.net.values())
