@@ -16,7 +16,7 @@ sample *args:
 eval *args:
     python -m scm_graph.eval {{args}}
 
-# Benchmarks: just bench step [--spec specs/digits_dit.py --precision fp32 bf16 ...] | just bench attention [--n 1024 4096 ...]
+# Benchmarks: just bench step [--spec specs/digits_dit.py --precision fp32 bf16 ...] | just bench attention [--n 1024 4096 ...] | just bench memory --spec S --ranks 1 8
 bench what *args:
     python -m scm_graph.bench {{what}} {{args}}
 

@@ -1,5 +1,6 @@
-"""`python -m scm_graph.bench step ...` (the train steps, `bench.step`) or `python -m scm_graph.bench attention ...`
-(the attention JVP op, `bench.attention`)."""
+"""`python -m scm_graph.bench step ...` (the train steps, `bench.step`), `python -m scm_graph.bench attention ...`
+(the attention JVP op, `bench.attention`) or `python -m scm_graph.bench memory ...` (per-rank memory of
+multi-process training, `bench.memory`)."""
 
 from __future__ import annotations
 
@@ -16,4 +17,8 @@ def main(argv: list[str]) -> None:
         from scm_graph.bench.step import main as step_main
 
         return step_main(argv[1:])
-    raise UserError("usage: python -m scm_graph.bench {step,attention} [--help]")
+    if argv[:1] == ["memory"]:
+        from scm_graph.bench.memory import main as memory_main
+
+        return memory_main(argv[1:])
+    raise UserError("usage: python -m scm_graph.bench {step,attention,memory} [--help]")

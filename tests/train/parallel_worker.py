@@ -117,6 +117,18 @@ def jvp_check(spec: Spec, data: list[StepInputs], world: parallel.World) -> floa
     return max(float((got.F_minus - ref.F_minus).abs().max()), float((got.g - ref.g).abs().max()))
 
 
+def ddp_bucket_storages(world: parallel.World) -> int:
+    """How many storages DDP's gradients live in after a backward: 1 with `gradient_as_bucket_view` (the
+    gradients are the reduction buckets, no second copy; docs/memory_edm2xl.md counts them so), one per
+    weight otherwise."""
+    spec = case_spec("diffusion", 1, "ddp")
+    model = fresh_model(spec)
+    ddp = parallel.wrap(model, "ddp", world, torch.device("cpu"))
+    F, w = ddp(torch.randn(2, 1, 8, 8), torch.rand(2) + 0.1, torch.tensor([1, 2]), torch.tensor(3), None, weight=True)
+    (F.square().mean() + w.mean()).backward()
+    return len({p.grad.untyped_storage().data_ptr() for p in model.parameters()})
+
+
 def main() -> None:
     out_path = sys.argv[1]
     world, _ = parallel.join("cpu", 120)
@@ -135,6 +147,7 @@ def main() -> None:
                     "moved": max(float((ref_params[k] - fresh_model(spec).state_dict()[k]).abs().max()) for k in ref_params),
                     "jvp": jvp_check(spec, data, world),
                 }
+    results["ddp_bucket_storages"] = ddp_bucket_storages(world)
     if world.main:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)
