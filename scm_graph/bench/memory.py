@@ -12,10 +12,13 @@ runs on a GPU and no tensor memory is touched, so a 1 B-parameter network is siz
   buckets *are* the gradients' storage and add no second copy (DDP's default would add one).
 - Activations: the sCT step is *run* on meta-backed fake tensors (`FakeTensorMode`: each tensor is a meta
   tensor tagged as a CPU tensor, so autocast and the fused SDPA kernels apply as on a real device, and
-  no memory is allocated) at the per-rank micro-batch. `saved_tensors_hooks` sum what autograd saves for
-  backward in the gradient pass (deduplicated by storage); a `TorchDispatchMode` tracks the bytes of
-  every live tensor (weakref finalizers tell when a storage dies) and reports the peak of the JVP pass,
-  of the gradient pass (forward and backward) and of the whole step.
+  no memory is allocated) at the per-rank micro-batch, in the two passes of the distributed step
+  (`train/step.py`, cut by `objectives.get_passes`): the no-gradient JVP pass `prepare` on the plain
+  weights, then the gradient pass (the network's forward with w_phi(t), `finish`, backward).
+  `saved_tensors_hooks` sum what autograd saves for backward in the gradient pass (deduplicated by
+  storage); a `TorchDispatchMode` tracks the bytes of every live tensor (weakref finalizers tell when a
+  storage dies) and reports the peak of the JVP pass, of the gradient pass (forward and backward) and of
+  the whole step.
 - Mixed precision: CPU autocast casts the same matmul / convolution / attention ops to bf16 as CUDA's,
   but CUDA also runs a list of ops in float32 (group norm, upsampling, exp, pow, ...; ATen's
   autocast_mode.h) that CPU autocast leaves in bf16. `CudaAutocastPolicy` adds CUDA's float32 list on
@@ -45,6 +48,7 @@ from scm_graph.bench.common import append_table
 from scm_graph.errors import ArgumentParser, UserError, cli_main
 from scm_graph.model import build_model
 from scm_graph.objectives import StepInputs, get_objective, get_passes
+from scm_graph.objectives.sct import ConsistencyPrep
 from scm_graph.paths import output_file
 from scm_graph.precision import AMP_DTYPES, autocast
 from scm_graph.spec import Spec, distils_guidance, validate
@@ -327,7 +331,7 @@ def step_inputs(spec: Spec, batch: int, device: torch.device | str = "cpu") -> S
     )
 
 
-def gradient_pass(model: nn.Module, prep, adaptive: bool) -> Tensor:
+def gradient_pass(model: nn.Module, prep: ConsistencyPrep, adaptive: bool) -> Tensor:
     """The gradient pass of the distributed step (`train/step.py`, `TrainStep._micro`): one forward of the
     network with w_phi(t) (`weight=True`) at the JVP pass's x_t, then the objective's `finish`; the loss."""
     passes = get_passes("sct")
@@ -384,12 +388,8 @@ def measure_activations(spec: Spec, batch: int, precision: str, fake: bool = Tru
         model, params, inp = _prepared(spec, batch)
         full = full_params(model)  # the plain, detached weights and buffers the JVP pass runs on
 
-        def prepare():
-            with torch.no_grad(), step_precision(precision):
-                return passes.prepare(model, full, inp, cfg)
-
-        with LiveBytes() as live:
-            prep = prepare()  # the JVP pass; its result stays alive for the gradient pass
+        with LiveBytes() as live, torch.no_grad(), step_precision(precision):
+            prep = passes.prepare(model, full, inp, cfg)  # the JVP pass; its result stays alive for the gradient pass
         jvp_peak = live.peak
 
         saved = SavedTensors(list(params.values()))  # the gradient pass's saved tensors (the JVP pass saves none)
