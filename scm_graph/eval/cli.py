@@ -1,4 +1,4 @@
-"""`python -m scm_graph.eval --ckpt run/ckpt.safetensors --steps 1 2 [--floor] [--json]`: FD of a digits checkpoint.
+"""`python -m scm_graph.eval --ckpt run/ckpt.safetensors --steps 1 2 [--guidance S] [--floor] [--json]`: FD of a digits checkpoint.
 
 `--floor` adds the FD of two halves of the real data, the best a sample set of that size can score.
 """
@@ -10,7 +10,7 @@ from dataclasses import asdict
 
 from scm_graph.errors import ArgumentParser, UserError, cli_main
 from scm_graph.eval.evaluator import evaluate
-from scm_graph.sample.generate import load_generator
+from scm_graph.sample.generate import check_guidance, load_generator
 
 
 @cli_main
@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--solver", choices=["heun", "euler"], default="heun", help="PF-ODE solver (diffusion checkpoints)")
     p.add_argument("--n", type=int, default=1797, help="samples per evaluation (default: the size of the real set)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="CFG scale s: a class-conditional diffusion model's guided PF-ODE, or a guidance-distilled sCD student's input (1 = none)")
     p.add_argument("--floor", action="store_true", help="also report FD(real half, other real half)")
     p.add_argument("--raw", action="store_true", help="evaluate the training weights instead of the EMA")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
@@ -32,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     if any(s < 1 for s in a.steps):
         raise UserError(f"--steps must each be at least 1, not {' '.join(map(str, a.steps))}")
     g = load_generator(a.ckpt, ema=not a.raw, device=a.device, verify=not a.ignore_checksum)
-    rows = evaluate(g, a.steps, a.n, a.solver, a.seed)
+    check_guidance(g, a.guidance)
+    rows = evaluate(g, a.steps, a.n, a.solver, a.seed, a.guidance)
     floor = None
     if a.floor:
         from scm_graph.eval.digits import digits_floor_fd
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"digits FD  {a.ckpt}")
+    table = Table(title=f"digits FD  {a.ckpt}" + (f"  guidance {a.guidance:g}" if a.guidance != 1.0 else ""))
     for col in ("sampler", "steps", "NFE", "FD", "n", "seconds"):
         table.add_column(col, justify="right")
     for r in rows:

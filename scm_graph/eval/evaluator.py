@@ -22,9 +22,11 @@ class EvalRow:
     fd: float
     n: int
     seconds: float
+    guidance: float = 1.0  # the CFG scale s the samples were drawn at
 
 
-def evaluate(g: Generator, steps: list[int], n: int = 1797, solver: str = "heun", seed: int = 0) -> list[EvalRow]:
+def evaluate(g: Generator, steps: list[int], n: int = 1797, solver: str = "heun", seed: int = 0,
+             guidance: float = 1.0) -> list[EvalRow]:
     from scm_graph.eval.digits import digits_fd
 
     if (g.spec.data.channels, g.spec.data.resolution) != (1, 8):
@@ -32,8 +34,8 @@ def evaluate(g: Generator, steps: list[int], n: int = 1797, solver: str = "heun"
     rows = []
     for s in steps:
         t0 = time.perf_counter()
-        x = generate(g, n, steps=s, solver=solver, seed=seed)
+        x = generate(g, n, steps=s, solver=solver, seed=seed, guidance=guidance)
         fd = digits_fd(to_uint8(x, g.spec))
         sampler = "consistency" if g.is_consistency else solver
-        rows.append(EvalRow(sampler, s, nfe(g.is_consistency, s, solver), fd, n, time.perf_counter() - t0))
+        rows.append(EvalRow(sampler, s, nfe(g.is_consistency, s, solver), fd, n, time.perf_counter() - t0, guidance))
     return rows

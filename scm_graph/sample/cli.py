@@ -9,7 +9,7 @@ import torch
 
 from scm_graph.errors import ArgumentParser, UserError, cli_main
 from scm_graph.paths import output_file, write_atomic
-from scm_graph.sample.generate import generate, load_generator, to_uint8
+from scm_graph.sample.generate import check_guidance, generate, load_generator, to_uint8
 from scm_graph.sample.grid import save_grid
 
 
@@ -54,12 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         if bad:
             raise UserError(f"--label must be in [0, {g.spec.data.num_classes}), not {bad[0]}")
         labels = torch.tensor(a.label, dtype=torch.int64).repeat(a.n // len(a.label) + 1)[: a.n]
-    if a.guidance != 1.0:
-        if not g.spec.net.class_conditional:
-            raise UserError("--guidance needs a class-conditional model; this one is unconditional")
-        if g.is_consistency and not g.model.takes_guidance:
-            raise UserError("--guidance applies to diffusion models and guidance-distilled sCD students; this consistency "
-                            "model takes no guidance")
+    check_guidance(g, a.guidance)
     x = generate(g, a.n, steps=a.steps, times=a.times, solver=a.solver, seed=a.seed, batch=a.batch, labels=labels,
                  guidance=a.guidance)
     imgs = to_uint8(x, g.spec)

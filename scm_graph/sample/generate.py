@@ -48,6 +48,20 @@ def load_generator(ckpt_path: str | Path, ema: bool = True, device: str = "auto"
     return Generator(model.to(dev).eval(), spec, dev)
 
 
+def check_guidance(g: Generator, guidance: float) -> None:
+    """One line if `guidance` (the CFG scale s) is not a finite number >= 0, or s != 1 for a model that takes none."""
+    import math
+
+    if not (math.isfinite(guidance) and guidance >= 0):
+        raise UserError(f"--guidance must be a finite number >= 0, not {guidance}")
+    if guidance != 1.0:
+        if not g.spec.net.class_conditional:
+            raise UserError("--guidance needs a class-conditional model; this one is unconditional")
+        if g.is_consistency and not g.model.takes_guidance:
+            raise UserError("--guidance applies to diffusion models and guidance-distilled sCD students; this consistency "
+                            "model takes no guidance")
+
+
 def generate(
     g: Generator,
     n: int,

@@ -109,6 +109,8 @@ def test_cli_missing_checkpoint(tmp_path: Path):
     (["--n", "1"], "--n must be at least 2, not 1"),
     (["--steps", "0"], "--steps must each be at least 1, not 0"),
     (["--steps", "2", "-1"], "--steps must each be at least 1, not 2 -1"),
+    (["--guidance", "nan"], "--guidance must be a finite number >= 0, not nan"),
+    (["--guidance", "1.5"], "--guidance needs a class-conditional model; this one is unconditional"),
 ])
 def test_cli_bad_values(sct_ckpt: Path, capsys, args, message):
     with pytest.raises(SystemExit) as e:
@@ -124,3 +126,21 @@ def test_cli_bad_values(sct_ckpt: Path, capsys, args, message):
 def test_cli_argparse_errors_are_one_line(tmp_path: Path, args, needles):
     """argparse's own errors come out as one `error:` line that names the argument and what is wrong with it."""
     assert_user_error(run_cli("scm_graph.eval", *args, cwd=tmp_path, timeout=120), *needles)
+
+
+def test_guided_fd_of_a_class_conditional_model(tmp_path: Path, shard_root: Path, capsys):
+    """--guidance S: the FD of samples drawn with the CFG scale s (here a class-conditional diffusion model's
+    guided PF-ODE), the same as scoring generate(..., guidance=s) directly; another s gives another FD."""
+    from scm_graph.eval.digits import digits_fd
+    from tests.helpers import train_tiny
+
+    ckpt = train_tiny("digits_teacher.py", shard_root, tmp_path / "teacher", 32)
+    capsys.readouterr()  # the training's own output
+    ev_cli.main(["--ckpt", str(ckpt), "--steps", "4", "--n", "80", "--guidance", "2", "--json"])
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert row["guidance"] == 2.0 and row["sampler"] == "heun"
+    g = load_generator(ckpt)
+    direct = digits_fd(to_uint8(generate(g, 80, steps=4, seed=0, guidance=2.0), g.spec))
+    assert row["fd"] == pytest.approx(direct, rel=1e-9)
+    plain = ev.evaluate(g, [4], n=80)[0]
+    assert plain.guidance == 1.0 and abs(plain.fd - row["fd"]) > 1e-6
