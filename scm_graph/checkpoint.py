@@ -33,7 +33,7 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from scm_graph.errors import UserError
+from scm_graph.errors import UserError, first_line
 from scm_graph.paths import remove_dead_temps
 
 FORMAT = "scm_graph.checkpoint/3"
@@ -230,10 +230,6 @@ def remove_stale_temps(path: str | Path) -> list[Path]:
     return remove_dead_temps(path.parent, re.compile(re.escape(path.name) + r"\.tmp-([1-9][0-9]*)"))
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
 def _raw_metadata(path: Path) -> dict[str, str]:
     """The safetensors header metadata of `path` (UserError if missing or not safetensors)."""
     if not path.exists():
@@ -244,7 +240,7 @@ def _raw_metadata(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return dict(f.metadata() or {})
     except Exception as e:
-        raise UserError(f"checkpoint {path} is not a safetensors file ({_first_line(e)})") from None
+        raise UserError(f"checkpoint {path} is not a safetensors file ({first_line(e)})") from None
 
 
 def _corrupt(path: Path, what: str) -> UserError:
@@ -292,7 +288,7 @@ def _json(path: Path, md: dict[str, str], key: str) -> Any:
     try:
         return json.loads(md[key])
     except (KeyError, ValueError) as e:
-        raise UserError(f"checkpoint {path}: corrupt metadata {key!r} ({_first_line(e)})") from None
+        raise UserError(f"checkpoint {path}: corrupt metadata {key!r} ({first_line(e)})") from None
 
 
 def _read_tensors(path: Path, md: dict[str, str], verify: bool):
@@ -304,7 +300,7 @@ def _read_tensors(path: Path, md: dict[str, str], verify: bool):
             f = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
             names = list(f.keys())
         except Exception as e:
-            raise UserError(f"checkpoint {path}: cannot read tensors ({_first_line(e)})") from None
+            raise UserError(f"checkpoint {path}: cannot read tensors ({first_line(e)})") from None
         if sums is not None:
             extra = sorted(set(names) - set(sums))
             if extra:
@@ -316,7 +312,7 @@ def _read_tensors(path: Path, md: dict[str, str], verify: bool):
             try:
                 t = f.get_tensor(name)
             except Exception as e:
-                raise UserError(f"checkpoint {path}: cannot read tensors ({_first_line(e)})") from None
+                raise UserError(f"checkpoint {path}: cannot read tensors ({first_line(e)})") from None
             if sums is not None and tensor_checksum(t) != sums[name]:
                 raise _corrupt(path, f"tensor {name!r} does not match its checksum")
             yield name, t
@@ -350,7 +346,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     try:
         step, images = int(md["step"]), int(md["images"])
     except (KeyError, ValueError) as e:
-        raise UserError(f"checkpoint {path}: corrupt metadata ({_first_line(e)})") from None
+        raise UserError(f"checkpoint {path}: corrupt metadata ({first_line(e)})") from None
     net: dict[str, torch.Tensor] = {}
     ema: dict[str, torch.Tensor] = {}
     rng: dict[str, torch.Tensor] = {}
@@ -379,7 +375,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
                 state.setdefault(int(idx), {}).update(_decode(entries, refs))
             optim = {"state": dict(sorted(state.items())), "param_groups": _decode(groups, refs)}
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"checkpoint {path}: corrupt contents ({_first_line(e)})") from None
+        raise UserError(f"checkpoint {path}: corrupt contents ({first_line(e)})") from None
     renames = READABLE[md["format"]]
     return Checkpoint(
         spec_json=md["spec"],

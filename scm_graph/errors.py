@@ -14,6 +14,12 @@ class UserError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when the message is empty."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def cli_main(fn: Callable[..., T]) -> Callable[..., T]:
     """Wrap a CLI entry point: UserError -> `error: <msg>` on stderr and exit 2; an OSError -> one line, exit 1."""
 

@@ -65,7 +65,7 @@ import torch
 from torch import Tensor, nn
 
 from scm_graph import trigflow
-from scm_graph.errors import UserError
+from scm_graph.errors import UserError, first_line
 
 
 def _per_sample(v: Tensor | float, x: Tensor) -> Tensor:
@@ -153,14 +153,10 @@ class TrigFlowAsEDM(nn.Module):
 # --- the user hook ---------------------------------------------------------------------------------
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0]
-
-
 def _describe(e: BaseException) -> str:
     """`TypeError: first line of the message`, one line."""
-    msg = _first_line(e)
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+    name, msg = type(e).__name__, first_line(e)  # the type's name alone when the message is empty
+    return name if msg == name else f"{name}: {msg}"
 
 
 @contextlib.contextmanager

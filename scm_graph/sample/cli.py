@@ -35,8 +35,6 @@ def main(argv: list[str] | None = None) -> None:
     for flag, v in (("--n", a.n), ("--batch", a.batch), ("--steps", a.steps)):
         if v < 1:
             raise UserError(f"{flag} must be at least 1, not {v}")
-    if not (math.isfinite(a.guidance) and a.guidance >= 0):
-        raise UserError(f"--guidance must be a finite number >= 0, not {a.guidance}")
     if a.times and any(not 0 < t <= math.pi / 2 for t in a.times):
         raise UserError(f"--times must lie in (0, pi/2], not {' '.join(map(str, a.times))}")
     if a.times and any(b >= c for c, b in zip(a.times, a.times[1:])):

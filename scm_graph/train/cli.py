@@ -19,7 +19,7 @@ from pathlib import Path
 from scm_graph.checkpoint import read_metadata
 from scm_graph.data.manifest import resolve_spec
 from scm_graph.data.stream import open_shards
-from scm_graph.errors import UserError, cli_main
+from scm_graph.errors import UserError, cli_main, first_line
 from scm_graph.model import check_net
 from scm_graph.spec import Spec, spec_from_json, validate
 from scm_graph.specfile import apply_overrides, read_spec_file
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     except RuntimeError as e:  # a collective failed: another process died or cannot be reached
         if not parallel.lost_contact(e):
             raise
-        raise UserError(f"rank {rank}: lost the other processes of the job ({parallel.first_line(e)}); "
+        raise UserError(f"rank {rank}: lost the other processes of the job ({first_line(e)[:200]}); "
                         "the last checkpoint on disk is kept") from None
     finally:
         parallel.leave()

@@ -76,11 +76,6 @@ def lost_contact(e: BaseException) -> bool:
         w in str(e) for w in ("Connection closed by peer", "Connection reset", "gloo", "NCCL", "Timed out")))
 
 
-def first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return (lines[0] if lines else type(e).__name__)[:200]
-
-
 def check_batch(batch: int, accum: int, world: World) -> int:
     """The per-process micro-batch; one line if the global batch does not split evenly."""
     if batch % (world.size * accum):
@@ -119,11 +114,6 @@ def wrap(model: nn.Module, kind: str, world: World, device: torch.device, all_us
         fully_shard(unit, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
-
-
-def unwrap(wrapped: nn.Module) -> nn.Module:
-    """The module whose parameter names are the checkpoint's (DDP keeps it as `.module`)."""
-    return getattr(wrapped, "module", wrapped)
 
 
 def no_sync(wrapped: nn.Module, sync: bool) -> AbstractContextManager:
