@@ -28,7 +28,8 @@ def cli_main(fn: Callable[..., T]) -> Callable[..., T]:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+            sys.stderr.write(f"error: {e}\n")  # one write: processes sharing a pipe (torchrun -u) never split a line
+            sys.stderr.flush()
             raise SystemExit(2) from None
         except OSError as e:  # disk full, a folder made read-only mid-run, ...: one line naming the path
             where = f" {e.filename}" if e.filename is not None else ""
