@@ -43,14 +43,18 @@ class DataSpec:
     """The stream is reseeded every this many images, which bounds the fast-forward on --resume."""
     resolution: Annotated[int, NON_NEGATIVE] = 0
     """Image side; 0 = take it from the manifest (the resolved spec always holds the real value)."""
-    channels: Literal[0, 1, 3] = 0
-    """Image channels; 0 = take them from the manifest."""
+    channels: Literal[0, 1, 3, 4] = 0
+    """Image channels (4 for SD-VAE latents); 0 = take them from the manifest."""
     num_classes: Annotated[int, NON_NEGATIVE] = 0
     """Classes in the labels; 0 = from the manifest (0 there too means unlabelled)."""
     mean: tuple[float, ...] = ()
     """Per-channel mean in stored units; empty = from the manifest."""
     std: Annotated[tuple[float, ...], POSITIVE] = ()
     """Per-channel std in stored units; empty = from the manifest."""
+    vae: str = ""
+    """Latent shard sets: the SD-VAE (a diffusers AutoencoderKL folder) that decodes samples to images; empty = the one the manifest records. Pixel sets: empty."""
+    posterior: bool = True
+    """Latent sets that store the VAE posterior's mean and std: each training latent is a draw mean + std * eps (EDM2); False trains on the mean."""
 
 
 @dataclass(frozen=True)
@@ -92,15 +96,44 @@ class DiTSpec:
 
 
 @dataclass(frozen=True)
+class EDM2Spec:
+    """The EDM2 U-Net (Karras et al. 2024) with the sCM changes (`scm_graph.nets.edm2`); read only when `net.arch` is 'edm2'."""
+
+    channels: Annotated[int, AT_LEAST_1] = 192
+    """Base channel count (EDM2 S 192, M 256, L 320, XL 384, XXL 448)."""
+    channel_mult: Annotated[tuple[int, ...], Check(ge=1, nonempty=True)] = (1, 2, 3, 4)
+    """Channel multiplier per resolution level (EDM2: 1 2 3 4)."""
+    num_blocks: Annotated[int, AT_LEAST_1] = 3
+    """Residual blocks per resolution level (EDM2: 3)."""
+    attn_resolutions: Annotated[tuple[int, ...], AT_LEAST_1] = (16, 8)
+    """Resolutions whose blocks have self-attention (EDM2: 16 8); the middle block always has it."""
+    head_dim: Annotated[int, AT_LEAST_1] = 64
+    """Attention head width: heads = channels at that level // head_dim (EDM2: 64)."""
+    emb_mult: Annotated[int, AT_LEAST_1] = 4
+    """Embedding width as a multiple of `channels` (EDM2: max(channel_mult) = 4)."""
+    dropout_resolutions: Annotated[tuple[int, ...], AT_LEAST_1] = ()
+    """Resolutions whose blocks apply net.dropout; empty = every block (sCT ImageNet 64: 16 8, i.e. <= 16)."""
+    res_balance: Annotated[float, Check(ge=0, le=1)] = 0.3
+    """Magnitude-preserving sum weight of the residual branch (EDM2: 0.3)."""
+    attn_balance: Annotated[float, Check(ge=0, le=1)] = 0.3
+    """Magnitude-preserving sum weight of the attention branch (EDM2: 0.3)."""
+    concat_balance: Annotated[float, Check(ge=0, le=1)] = 0.5
+    """Magnitude-preserving concatenation weight of the decoder's skip connections (EDM2: 0.5)."""
+    label_balance: Annotated[float, Check(ge=0, le=1)] = 0.5
+    """Magnitude-preserving sum weight of the class embedding against the time embedding (EDM2: 0.5)."""
+
+
+@dataclass(frozen=True)
 class NetSpec:
-    arch: Literal["unet", "dit"] = "unet"
-    """Backbone: 'unet' (settings in net.unet) or 'dit' (settings in net.dit); both with positional time embedding and adaptive double normalisation."""
+    arch: Literal["unet", "dit", "edm2"] = "unet"
+    """Backbone: 'unet' (DDPM++, settings in net.unet), 'edm2' (EDM2's U-Net, net.edm2) or 'dit' (net.dit); all with positional time embedding and adaptive double normalisation."""
     dropout: Annotated[float, Check(ge=0, lt=1)] = 0.0
     """Dropout probability inside residual blocks (U-Net) or MLPs (DiT)."""
     class_conditional: bool = False
     """Condition on the class label (needs labelled shards)."""
     unet: UNetSpec = field(default_factory=UNetSpec)
     dit: DiTSpec = field(default_factory=DiTSpec)
+    edm2: EDM2Spec = field(default_factory=EDM2Spec)
 
 
 # The flat NetSpec fields of scm_graph 0.1 (spec JSON in older checkpoints, old CLI flags) and where
@@ -163,6 +196,10 @@ class OptimSpec:
     """Adam epsilon."""
     grad_clip: Annotated[float, NON_NEGATIVE] = 0.0
     """Clip the global gradient norm to this value; 0 = off."""
+    lr_rampup_images: Annotated[int, NON_NEGATIVE] = 0
+    """Linear learning-rate warmup from 0 over this many images (EDM2: 10 Mimg); 0 = none."""
+    lr_decay_images: Annotated[int, NON_NEGATIVE] = 0
+    """Inverse-square-root decay, lr / sqrt(max(images / lr_decay_images, 1)) (EDM2: 70k steps x batch at 512, 35k x batch at 64); 0 = constant."""
 
 
 @dataclass(frozen=True)

@@ -214,3 +214,18 @@ def compiled_jvp_vs_eager(net: torch.nn.Module, x: torch.Tensor, c: torch.Tensor
     assert dout_e.abs().max() > 1e-3
     torch.testing.assert_close(out_c, out_e, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dout_c, dout_e, atol=1e-5, rtol=1e-5)
+
+
+def make_tiny_vae(folder: Path, latent_channels: int = 4, levels: int = 4, seed: int = 0) -> Path:
+    """A randomly initialised diffusers AutoencoderKL (downsampling 2^(levels-1), like the SD-VAE's 8 for
+    levels=4), saved with `save_pretrained` to `folder` (no download); returns the folder."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=(8,) * levels, layers_per_block=1, norm_num_groups=4, sample_size=32,
+    )
+    vae.save_pretrained(folder)
+    return Path(folder)

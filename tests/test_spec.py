@@ -215,6 +215,7 @@ FREE_FIELDS = {
     "data.mean": "per-channel means in stored units: any finite numbers (their count is checked by validate)",
     "train.init_from": "a checkpoint path, empty = none (checked when the checkpoint is read)",
     "train.out": "a run folder, empty = runs/<name> (checked when the run folder is made)",
+    "data.vae": "a diffusers VAE folder, empty = the manifest's (checked when the VAE is loaded)",
     "objective.teacher": "a checkpoint or weights path (validate requires one for sCD; checked when it is read)",
     "objective.teacher_factory": "'file.py:function' (checked by scm_graph.teacher.load_denoiser when it loads)",
 }

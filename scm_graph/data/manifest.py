@@ -1,7 +1,8 @@
 """The manifest of a shard set: what the writer promises and the reader checks. No torch.
 
 `<root>/<name>/manifest.json` names the shard files and their sizes, the image shape and dtype, the
-per-channel statistics and the labels. The shard writer (`scm_graph.data.writer`) and the batch stream
+per-channel statistics and the labels. Pixel sets store PNGs (`format` "png", uint8); latent sets
+(`format` "npy", float16 / float32) store SD-VAE latents and describe them in `latent` (`LatentInfo`). The shard writer (`scm_graph.data.writer`) and the batch stream
 (`scm_graph.data.stream`) both import this module, never each other.
 """
 
@@ -22,6 +23,29 @@ MANIFEST = "manifest.json"
 VERSION = 1
 CHECKSUM = "sha256"
 """The per-sample checksum: the member name in each sample and the manifest's `sample_checksum`."""
+
+
+LATENT_STORED = ("mean_std", "mean")
+
+
+@dataclass(frozen=True)
+class LatentInfo:
+    """How a latent shard set was encoded: the `latent` object of its manifest.
+
+    Each sample's `npy` member holds the VAE posterior in raw (unscaled) latent units: [2C, h, w] = the mean
+    then the std when `stored` is "mean_std" (EDM2), [C, h, w] = the mean alone when "mean". The manifest's
+    `shape` is the training latent's [C, h, w]; its mean / std are the per-channel statistics of the latents
+    training draws (mean + std * eps for "mean_std": var = var(mean) + E[std^2]).
+    """
+
+    vae: str
+    """The diffusers AutoencoderKL folder that encoded the set (absolute path, as given when sharding)."""
+    scaling_factor: float
+    """The VAE's `scaling_factor` (SD-VAE: 0.18215), recorded for reference; stored latents are unscaled."""
+    stored: str
+    """"mean_std" or "mean" (see above)."""
+    image_resolution: int
+    """Side of the images that were encoded (512 for ImageNet 512)."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +70,8 @@ class Manifest:
     """File size per shard (optional; checked by open_shards, catches truncated copies)."""
     sample_checksum: str | None = None
     """"sha256": every sample holds a `sha256` member (see `sample_digest`); None for older sets."""
+    latent: LatentInfo | None = None
+    """Latent sets: how they were encoded; None for pixel sets."""
 
     @staticmethod
     def load(folder: str | Path) -> "Manifest":
@@ -66,8 +92,8 @@ class Manifest:
         """The manifest as JSON text (what `load` reads); no `sample_checksum` key when there is none."""
         d: dict[str, Any] = {"version": VERSION}
         for k, v in self.__dict__.items():
-            if k != "sample_checksum" or v is not None:
-                d[k] = list(v) if isinstance(v, tuple) else v
+            if k not in ("sample_checksum", "latent") or v is not None:
+                d[k] = dataclasses.asdict(v) if k == "latent" else list(v) if isinstance(v, tuple) else v
         return json.dumps(d, indent=2) + "\n"
 
 
@@ -97,7 +123,9 @@ def shard_hint(folder: Path, rewrite: bool = False) -> str:
 
 REQUIRED = ("name", "count", "shape", "dtype", "format", "mean", "std", "num_classes", "labels", "class_names",
             "source", "shards")
-OPTIONAL = ("version", "shard_counts", "shard_bytes", "sample_checksum")
+OPTIONAL = ("version", "shard_counts", "shard_bytes", "sample_checksum", "latent")
+FORMATS = {"png": ("uint8",), "npy": ("float16", "float32")}
+"""Sample format -> the dtypes it may hold."""
 
 
 def _show(v: Any) -> str:
@@ -146,13 +174,35 @@ def _stats(d: dict[str, Any], key: str, channels: int, positive: bool) -> tuple[
     return tuple(float(x) for x in v)
 
 
-def _shape(d: dict[str, Any]) -> tuple[int, int, int]:
-    """[channels, height, width] with 1 or 3 channels and positive sizes."""
+def _shape(d: dict[str, Any], latent: bool) -> tuple[int, int, int]:
+    """[channels, height, width] with positive sizes; 1 or 3 channels for a pixel set."""
     v = d["shape"]
-    if not (isinstance(v, list) and len(v) == 3 and all(_is_int(x) and x > 0 for x in v) and v[0] in (1, 3)):
-        want = "[channels, height, width] with 1 or 3 channels and positive sizes"
+    if not (isinstance(v, list) and len(v) == 3 and all(_is_int(x) and x > 0 for x in v) and (latent or v[0] in (1, 3))):
+        want = "[channels, height, width] with " + ("positive sizes" if latent else "1 or 3 channels and positive sizes")
         raise ValueError(f"shape must be {want}, not {_show(v)}")
     return (v[0], v[1], v[2])
+
+
+def _latent(d: dict[str, Any], fmt: str) -> LatentInfo | None:
+    """The `latent` object: required for (and only for) an "npy" set."""
+    v = d.get("latent")
+    if fmt != "npy":
+        if v is not None:
+            raise ValueError(f"latent must be absent for a {fmt} set, not {_show(v)}")
+        return None
+    keys = {f.name for f in dataclasses.fields(LatentInfo)}
+    if not (isinstance(v, dict) and set(v) == keys):
+        raise ValueError(f"latent must be an object with {', '.join(sorted(keys))}, not {_show(v)}")
+    if not isinstance(v["vae"], str) or not v["vae"]:
+        raise ValueError(f"latent.vae must be a folder path, not {_show(v['vae'])}")
+    sf = v["scaling_factor"]
+    if not (isinstance(sf, (int, float)) and not isinstance(sf, bool) and math.isfinite(sf) and sf > 0):
+        raise ValueError(f"latent.scaling_factor must be a number > 0, not {_show(sf)}")
+    if v["stored"] not in LATENT_STORED:
+        raise ValueError(f"latent.stored must be one of {', '.join(LATENT_STORED)}, not {_show(v['stored'])}")
+    if not _is_int(v["image_resolution"]) or v["image_resolution"] <= 0:
+        raise ValueError(f"latent.image_resolution must be a positive integer, not {_show(v['image_resolution'])}")
+    return LatentInfo(v["vae"], float(sf), v["stored"], v["image_resolution"])
 
 
 def _shards(d: dict[str, Any]) -> tuple[str, ...]:
@@ -197,12 +247,13 @@ def _manifest_from_dict(d: Any) -> Manifest:
     missing = [k for k in REQUIRED if k not in d]
     if missing:
         raise ValueError(f"missing field {missing[0]}")
-    shape = _shape(d)
     dtype, fmt = _str(d, "dtype"), _str(d, "format")
-    if dtype != "uint8":
-        raise ValueError(f"dtype must be \"uint8\", not {_show(dtype)}")
-    if fmt != "png":
-        raise ValueError(f"format must be \"png\", not {_show(fmt)}")
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be {' or '.join(map(json.dumps, FORMATS))}, not {_show(fmt)}")
+    if dtype not in FORMATS[fmt]:
+        raise ValueError(f"dtype must be {' or '.join(map(json.dumps, FORMATS[fmt]))} in a {fmt} set, not {_show(dtype)}")
+    latent = _latent(d, fmt)
+    shape = _shape(d, latent is not None)
     labels, num_classes, names = _labels(d)
     count, shards = _int(d, "count", 1), _shards(d)
     counts = _ints(d, "shard_counts", len(shards))
@@ -227,6 +278,7 @@ def _manifest_from_dict(d: Any) -> Manifest:
         shard_counts=counts,
         shard_bytes=_ints(d, "shard_bytes", len(shards)),
         sample_checksum=checksum,
+        latent=latent,
     )
 
 
@@ -240,8 +292,13 @@ def resolve_spec(spec: Spec, manifest: Manifest) -> Spec:
         raise UserError(f"spec wants {d.channels} channels but shards {d.name} hold {shape[0]}")
     if spec.net.class_conditional and not manifest.num_classes:
         raise UserError(f"net.class_conditional needs labelled shards; {d.name} has no labels")
+    if manifest.latent is not None and d.normalize != "channel":
+        raise UserError(f"shards {d.name} hold VAE latents: set data.normalize to 'channel' (per-channel mean / std)")
+    if manifest.latent is None and d.vae:
+        raise UserError(f"data.vae is set but shards {d.name} hold pixels, not VAE latents")
     d = dataclasses.replace(
         d,
+        vae=d.vae or (manifest.latent.vae if manifest.latent else ""),
         resolution=shape[-1],
         channels=shape[0],
         num_classes=d.num_classes or manifest.num_classes,

@@ -63,7 +63,7 @@ NONFINITE_PATIENCE = 10  # consecutive steps without an update (non-finite) befo
 RESUMABLE = {"train.total_images", "train.time_limit_s", "train.log_every_images", "train.sample_every_images",
              "train.ckpt_every_images", "train.eval_every_images", "train.eval_samples", "train.compile",
              "train.device", "train.precision", "train.out", "train.keep_last", "train.progress", "train.progress_every_s",
-             "data.workers", "data.root",
+             "data.workers", "data.root", "data.vae",
              "train.accum", "train.parallel", "train.dist_timeout_s"}  # the global batch stays; only its split changes
 
 
@@ -283,7 +283,7 @@ def check_resumable(saved: Spec, now: Spec, path: Path) -> None:
     """Every field outside RESUMABLE must equal the checkpoint's (the unused architecture's section aside);
     one-line UserError naming the first that differs."""
     a, b = _flat(dataclasses.asdict(saved)), _flat(dataclasses.asdict(now))
-    unused = ["net.dit." if now.net.arch == "unet" else "net.unet."]
+    unused = [f"net.{arch}." for arch in ("unet", "dit", "edm2") if arch != now.net.arch]
     if now.objective.kind != "diffusion" or not now.net.class_conditional:
         unused.append("objective.label_dropout")  # read by class-conditional diffusion only
     for k, v in a.items():
@@ -342,7 +342,7 @@ def train(spec: Spec, out: Path, resume: bool = False, progress: bool = True, ve
     with Progress(spec.name, t.total_images, run.images, mode, t.progress_every_s) as bar:
         while run.images < t.total_images:
             inp = draw_inputs(next(stream), run.gen, spec, run.step, run.images, run.device, world)
-            out_step = run.step_fn(inp, first=world.rank * local_batch)
+            out_step = run.step_fn(inp, first=world.rank * local_batch, images=run.images)
             if out_step.n_nonfinite and not warned:
                 warned = True  # counted over every process; rank 0 says it
                 if world.main:

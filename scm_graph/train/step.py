@@ -18,6 +18,8 @@ every sample was masked, skips the optimiser update (fp16: the GradScaler also b
 
 from __future__ import annotations
 
+import math
+
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
@@ -48,6 +50,16 @@ class StepOut:
 def make_optimizer(params: list[nn.Parameter], cfg: OptimSpec) -> torch.optim.Optimizer:
     cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[cfg.kind]
     return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def learning_rate(cfg: OptimSpec, images: int) -> float:
+    """The learning rate of the step that starts after `images` images (EDM2's schedule, Karras et al. 2024, Eq. 16)."""
+    lr = cfg.lr
+    if cfg.lr_decay_images > 0:
+        lr /= math.sqrt(max(images / cfg.lr_decay_images, 1.0))  # alpha_ref / sqrt(max(t / t_ref, 1))
+    if cfg.lr_rampup_images > 0:
+        lr *= min(images / cfg.lr_rampup_images, 1.0)  # linear warmup from 0
+    return lr
 
 
 @dataclass
@@ -88,6 +100,7 @@ class TrainStep:
         self.accum = spec.train.accum
         self.wrapped = wrapped
         self.world = wrapped.world if wrapped else World()
+        self.optim_cfg = spec.optim
         self.optimizer = make_optimizer(list(self.params.values()), spec.optim)
         objective, cfg = get_objective(spec.objective.kind, teacher), spec.objective  # sCD: the frozen teacher
         self.precision = spec.train.precision
@@ -127,10 +140,12 @@ class TrainStep:
             F, w = out if self.adaptive else (out, torch.zeros_like(prep.inputs.t))
             return self.finish(F, w, prep)
 
-    def __call__(self, inp: StepInputs, first: int = 0) -> StepOut:
+    def __call__(self, inp: StepInputs, first: int = 0, images: int = 0) -> StepOut:
         """One optimiser step on `inp`, this process's share of the global batch, whose first sample is sample
-        `first` of the global batch."""
+        `first` of the global batch; `images` (seen before this step) sets the learning rate's schedule."""
         params = list(self.params.values())
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.optim_cfg, images)
         outs = []
         parts = micro_batches(inp, self.accum, first)
         for m, part in enumerate(parts):
