@@ -1,0 +1,10 @@
+"""ImageNet 64, EDM2-M: sCT, finetuned from the diffusion teacher, on pixels (shards/imagenet64).
+
+Needs the teacher's checkpoint runs/imagenet64_diffusion_m/ckpt.safetensors (train imagenet64_diffusion_m first).
+
+Settings: specs/_imagenet.py (sCM Appendix G); `just train specs/imagenet64_sct_m.py --help` lists them.
+"""
+
+from _imagenet import imagenet_spec  # noqa: E402  (specs/ is on the path while a spec loads)
+
+SPEC = imagenet_spec(64, "sct", "m")
