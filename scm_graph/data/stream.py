@@ -7,6 +7,12 @@ k // segment_images and drops the first k % segment_images raw samples before an
 `spec.workers > 0` every worker runs the same raw pipeline and decodes only the samples j with
 j % workers == worker_id; the DataLoader's in-order round robin restores the exact order, so the
 stream does not depend on the worker count either.
+
+Pixel sets ("png") give uint8 images. Latent sets ("npy", SD-VAE posteriors in raw units) give float32
+latents: with `latent.stored` "mean_std" and `spec.posterior`, each is a draw z = mean + std * eps
+(EDM2), eps from a generator seeded by (seed, rank, index of the batch's first image in this rank's
+stream), so a resumed stream draws the same eps as an unbroken one; otherwise the mean. Both are then
+normalised (`scm_graph.data.normalize`).
 """
 
 from __future__ import annotations
@@ -77,8 +83,10 @@ def _check_first_sample(url: str, m: Manifest) -> None:
 
 
 def read_all(spec: DataSpec) -> Iterator[tuple[bytes, int]]:
-    """Every sample of the set once, in shard and file order, checked and decoded as (uint8 CHW bytes, label or -1)."""
+    """Every sample of a pixel set once, in shard and file order, checked and decoded as (uint8 CHW bytes, label or -1)."""
     m = open_shards(spec)
+    if m.latent is not None:
+        raise UserError(f"shard set {Path(spec.root) / spec.name} holds VAE latents; only pixel sets can be read as images")
     folder = Path(spec.root) / spec.name
     paths = [str(folder / s) for s in m.shards]
     return _read_all(paths, m)
@@ -234,9 +242,41 @@ def _label(sample: dict, num_classes: int) -> int:
     return int(text)
 
 
+def _stored_shape(m: Manifest) -> tuple[int, int, int]:
+    """The shape of a latent sample's array: [2C, h, w] (mean then std) for "mean_std", [C, h, w] for "mean"."""
+    c, h, w = m.shape
+    return (2 * c if m.latent is not None and m.latent.stored == "mean_std" else c, h, w)
+
+
+def _latent(sample: dict, m: Manifest) -> np.ndarray:
+    """The sample's `npy` member as an array of the manifest's dtype and stored shape (np.load, no pickles)."""
+    where = _where(sample)
+    if "npy" not in sample:
+        raise UserError(f"{where} has no npy member")
+    try:
+        arr = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
+    except Exception as e:  # any parser failure means bad bytes
+        raise UserError(f"{where} has a bad npy ({_plain(e)})") from None
+    if not isinstance(arr, np.ndarray):  # an .npz archive loads as an NpzFile
+        raise UserError(f"{where} has a bad npy (an .npz archive, not one array)")
+    if arr.dtype != np.dtype(m.dtype):
+        raise UserError(f"{where} is a {arr.dtype} array, but the manifest says {m.dtype}")
+    want = _stored_shape(m)
+    if arr.shape != want:
+        what = "mean then std" if m.latent is not None and m.latent.stored == "mean_std" else "the mean"
+        raise UserError(f"{where} has shape {list(arr.shape)}, but the manifest says {list(want)} ({what})")
+    if not np.isfinite(arr).all():
+        raise UserError(f"{where} holds non-finite values")
+    return arr
+
+
 def _decode(sample: dict, m: Manifest) -> tuple[bytes, int]:
-    """Raw sample -> (uint8 CHW image bytes, label or -1): checksum, then PNG (PIL only), then label."""
+    """Raw sample -> (array bytes, label or -1): checksum, then PNG (PIL only) as uint8 CHW or npy as the
+    manifest's dtype in its stored shape, then label."""
     _verify(sample, m)
+    if m.format == "npy":
+        arr = _latent(sample, m)
+        return np.ascontiguousarray(arr).tobytes(), _label(sample, m.num_classes)
     c, h, w = m.shape
     arr = _image(sample, m.shape)
     label = _label(sample, m.num_classes)
@@ -307,6 +347,23 @@ def _check_stream_args(spec: DataSpec, batch: int, start_images: int, rank: int,
         raise UserError(f"data.workers must be >= 0, not {spec.workers}")
 
 
+def posterior_seed(seed: int, rank: int, first: int) -> int:
+    """The seed of the eps of the batch whose first image is image `first` of rank `rank`'s stream."""
+    return _derive_seed(int(seed), int(rank), int(first), "posterior")
+
+
+def latents(data: bytes, m: Manifest, batch: int, posterior: bool, seed: int) -> torch.Tensor:
+    """A batch of stored latent arrays -> float32 raw latents [B, C, h, w]: a posterior draw per sample
+    (stored "mean_std" and `posterior`), eps ~ N(0, I) from a generator seeded with `seed`; else the mean."""
+    c, h, w = m.shape
+    arr = torch.from_numpy(np.frombuffer(data, dtype=m.dtype).reshape(batch, *_stored_shape(m)).astype(np.float32))
+    mean = arr[:, :c]
+    if not (posterior and m.latent is not None and m.latent.stored == "mean_std"):
+        return mean.contiguous()
+    eps = torch.randn((batch, c, h, w), generator=torch.Generator().manual_seed(seed))
+    return mean + arr[:, c:] * eps  # z = mean + std * eps (EDM2, Karras et al. 2024: a sample of the VAE posterior)
+
+
 def batches(
     spec: DataSpec,
     sigma_d: float,
@@ -319,11 +376,19 @@ def batches(
     """Infinite deterministic batches for `rank`; `start_images=k` resumes exactly at image k."""
     _check_stream_args(spec, batch, start_images, rank, world_size)
     m = open_shards(spec)
+    if m.latent is not None and spec.normalize != "channel":
+        raise UserError(f"shards {spec.name} hold VAE latents: set data.normalize to 'channel' (per-channel mean / std)")
     c, h, w = m.shape
     samples = _sample_stream(spec, m, seed, rank, start_images)
+    first = start_images  # index of the next batch's first image in this rank's stream
     while True:
         chunk = list(islice(samples, batch))
-        pixels = np.frombuffer(b"".join(img for img, _ in chunk), dtype=np.uint8).reshape(batch, c, h, w)
-        x0 = normalize(torch.from_numpy(pixels.copy()), spec, sigma_d)
+        data = b"".join(x for x, _ in chunk)
+        if m.latent is None:
+            x = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).reshape(batch, c, h, w).copy())
+        else:
+            x = latents(data, m, batch, spec.posterior, posterior_seed(seed, rank, first))
+        x0 = normalize(x, spec, sigma_d)
         label = torch.tensor([lab for _, lab in chunk], dtype=torch.int64) if m.labels else None
         yield Batch(x0=x0, label=label)
+        first += batch

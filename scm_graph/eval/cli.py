@@ -10,7 +10,7 @@ from dataclasses import asdict
 
 from scm_graph.errors import ArgumentParser, UserError, cli_main
 from scm_graph.eval.evaluator import evaluate
-from scm_graph.sample.generate import check_guidance, load_generator
+from scm_graph.sample.generate import check_guidance, is_latent, load_generator
 
 
 @cli_main
@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     if any(s < 1 for s in a.steps):
         raise UserError(f"--steps must each be at least 1, not {' '.join(map(str, a.steps))}")
     g = load_generator(a.ckpt, ema=not a.raw, device=a.device, verify=not a.ignore_checksum)
+    if is_latent(g.spec):
+        raise UserError(f"{a.ckpt} is a latent model (VAE latents of {g.spec.data.name}); this FD scores digits "
+                        "checkpoints only (use python -m scm_graph.sample for images)")
     check_guidance(g, a.guidance)
     rows = evaluate(g, a.steps, a.n, a.solver, a.seed, a.guidance)
     floor = None

@@ -1,4 +1,8 @@
-"""`python -m scm_graph.sample --ckpt run/ckpt.safetensors [--steps 2 | --times ...] --out grid.png [--npz x.npz]`."""
+"""`python -m scm_graph.sample --ckpt run/ckpt.safetensors [--steps 2 | --times ...] --out grid.png [--npz x.npz] [--vae DIR]`.
+
+Latent models (trained on SD-VAE latent shards) sample latents and decode them through the VAE the
+checkpoint records (`data.vae`), or the one `--vae` names; the VAE is loaded before sampling starts.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,13 @@ import torch
 
 from scm_graph.errors import ArgumentParser, UserError, cli_main
 from scm_graph.paths import output_file, write_atomic
-from scm_graph.sample.generate import check_guidance, generate, load_generator, to_uint8
+from scm_graph.sample.generate import (
+    check_guidance,
+    generate,
+    load_decoder,
+    load_generator,
+    to_images,
+)
 from scm_graph.sample.grid import save_grid
 
 
@@ -22,7 +32,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--solver", choices=["heun", "euler"], default="heun", help="PF-ODE solver for diffusion checkpoints")
     p.add_argument("--n", type=int, default=64, help="number of samples")
     p.add_argument("--out", default="grid.png", help="grid PNG to write (its folder is created; an existing file is replaced)")
-    p.add_argument("--npz", help="also write the raw samples (uint8 NCHW under 'samples', model units under 'x') here")
+    p.add_argument("--npz", help="also write the samples (uint8 NCHW images under 'samples', model units under 'x': "
+                                 "latents for a latent model) here")
+    p.add_argument("--vae", help="latent models: the diffusers AutoencoderKL folder that decodes the samples "
+                                 "(default: the checkpoint's data.vae)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", action="store_true", help="use the training weights instead of the EMA")
     p.add_argument("--label", type=int, nargs="+", help="class labels for the samples, cycled (class-conditional models; default: all classes in turn)")
@@ -53,9 +66,10 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--label must be in [0, {g.spec.data.num_classes}), not {bad[0]}")
         labels = torch.tensor(a.label, dtype=torch.int64).repeat(a.n // len(a.label) + 1)[: a.n]
     check_guidance(g, a.guidance)
+    g.vae = load_decoder(g.spec, g.device, a.vae)  # before sampling: a bad folder costs nothing
     x = generate(g, a.n, steps=a.steps, times=a.times, solver=a.solver, seed=a.seed, batch=a.batch, labels=labels,
                  guidance=a.guidance)
-    imgs = to_uint8(x, g.spec)
+    imgs = to_images(g, x)
     save_grid(imgs, out)
     if npz is not None:
         write_atomic(npz, lambda f: np.savez(f, samples=imgs.numpy(), x=x.numpy()))

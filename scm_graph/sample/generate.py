@@ -1,4 +1,8 @@
-"""A model ready to sample, rebuilt from a checkpoint alone, and n samples from it in model or stored units."""
+"""A model ready to sample, rebuilt from a checkpoint alone, and n samples from it in model units or as images.
+
+Pixel models' samples become images through `to_uint8`; latent models' (`data.vae` set: SD-VAE latents)
+are denormalised to raw latents and decoded by the VAE, which a Generator loads once (`load_decoder`).
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,16 @@ from torch import Tensor
 
 from scm_graph.checkpoint import load_checkpoint
 from scm_graph.data.normalize import denormalize
+from scm_graph.data.vae import Vae, decode, load_vae
 from scm_graph.device import pick_device
 from scm_graph.errors import UserError
 from scm_graph.model import TrigFlowModel, build_model, copy_params
-from scm_graph.sample.samplers import consistency_times, ode_times, sample_consistency, sample_ode
+from scm_graph.sample.samplers import (
+    consistency_times,
+    ode_times,
+    sample_consistency,
+    sample_ode,
+)
 from scm_graph.spec import Spec, spec_from_json
 
 
@@ -24,6 +34,8 @@ class Generator:
     model: TrigFlowModel
     spec: Spec
     device: torch.device
+    vae: Vae | None = None
+    """Latent models: the VAE that decodes samples to images (None until loaded; always None for pixel models)."""
 
     @property
     def sigma_d(self) -> float:
@@ -102,5 +114,46 @@ def generate(
 
 
 def to_uint8(x: Tensor, spec: Spec) -> Tensor:
-    """Model units -> stored uint8 units."""
+    """Model units -> stored uint8 units (pixel models)."""
     return denormalize(x, spec.data, spec.objective.sigma_d).round().clamp(0, 255).to(torch.uint8)
+
+
+DECODE_BATCH = 8
+"""Latents the VAE decodes at a time (its activations at 512 x 512 take a few GiB per batch of 8)."""
+
+
+def is_latent(spec: Spec) -> bool:
+    """Whether the model samples VAE latents (the resolved spec of a latent shard set names its VAE)."""
+    return bool(spec.data.vae)
+
+
+def load_decoder(spec: Spec, device: torch.device | str, path: str | None = None, flag: str = "--vae") -> Vae | None:
+    """The VAE that decodes a latent model's samples on `device` (None for a pixel model): the folder `path`
+    (the value of `flag`), else the spec's `data.vae`; one-line UserError naming `flag` if it cannot be used."""
+    if not is_latent(spec):
+        if path:
+            raise UserError(f"{flag} given but this model samples pixels, not VAE latents")
+        return None
+    name = flag if path else "data.vae"
+    if not path:
+        path = spec.data.vae
+        if not Path(path).is_dir():
+            raise UserError(f"the VAE folder {path} (data.vae) is missing; pass {flag} PATH, the folder of the "
+                            "diffusers AutoencoderKL that encoded the shards")
+    with torch.random.fork_rng(devices=[]):  # building the module must not move the global RNG
+        vae = load_vae(path, device, flag=name)
+    if vae.latent_channels != spec.data.channels:
+        raise UserError(f"{name} {path} decodes {vae.latent_channels}-channel latents, but this model samples "
+                        f"{spec.data.channels} channels")
+    return vae
+
+
+def to_images(g: Generator, x: Tensor, batch: int = DECODE_BATCH) -> Tensor:
+    """Model-unit samples -> uint8 images [N, C, H, W] on the CPU: pixel models through `to_uint8`; latent
+    models denormalised to raw latents and decoded by `g.vae` (loaded on first use), `batch` at a time."""
+    if not is_latent(g.spec):
+        return to_uint8(x, g.spec)
+    if g.vae is None:
+        g.vae = load_decoder(g.spec, g.device)
+    z = denormalize(x, g.spec.data, g.sigma_d)  # z = x / sigma_d * std + mean (inverse of the channel normalisation)
+    return torch.cat([decode(g.vae, z[i : i + batch]) for i in range(0, len(z), batch)])

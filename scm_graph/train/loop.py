@@ -4,9 +4,11 @@ Per step: a batch from the shards, noise and times drawn here (outside the compi
 TrainStep, the EMA. Every few images, in this order: a JSONL metrics line, an atomic checkpoint, then
 the optional work (a sample grid; for the digits the FD of 1- and 2-step samples), so a failure in the
 optional work never loses trained state; the checkpoint records what was still due and `--resume`
-finishes it. `--resume` continues the run folder's checkpoint and reproduces the uninterrupted run
-exactly: the data stream, noise generator, dropout keys, optimiser, fp16 loss scaler and EMA all
-continue from the saved state. The run folder's layout and housekeeping live in `scm_graph.train.rundir`.
+finishes it. A latent run's grids are decoded by its VAE (`data.vae`), which rank 0 loads once, before
+the run folder is touched: a missing VAE stops the run at its start, not at its first grid.
+`--resume` continues the run folder's checkpoint and reproduces the uninterrupted run exactly: the data
+stream, noise generator, dropout keys, optimiser, fp16 loss scaler and EMA all continue from the saved
+state. The run folder's layout and housekeeping live in `scm_graph.train.rundir`.
 
 Non-finite values: samples with a non-finite tangent are masked by the objective and counted
 (`nonfinite` in each metrics line, one console warning the first time); steps whose update was
@@ -29,6 +31,7 @@ import torch
 from scm_graph import trigflow
 from scm_graph.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from scm_graph.data.stream import Batch, batches
+from scm_graph.data.vae import Vae
 from scm_graph.errors import UserError
 from scm_graph.model import (
     ZERO_INIT_EXTRAS,
@@ -39,7 +42,7 @@ from scm_graph.model import (
 )
 from scm_graph.objectives import StepInputs
 from scm_graph.progress import Progress
-from scm_graph.sample.generate import Generator, generate, to_uint8
+from scm_graph.sample.generate import Generator, generate, load_decoder, to_images
 from scm_graph.sample.grid import save_grid
 from scm_graph.spec import Spec, distils_guidance, spec_from_json, spec_to_json
 from scm_graph.train import parallel
@@ -120,8 +123,9 @@ class Run:
     """
 
     def __init__(self, spec: Spec, out: Path, resume: bool, verify: bool = True, world: World | None = None,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, vae: Vae | None = None):
         self.spec, self.out, self.world = spec, out, world or World()
+        self.vae = vae  # latent runs: decodes the grids (rank 0; loaded at the first grid if not given)
         self.device = device if device is not None else parallel.join(spec.train.device, spec.train.dist_timeout_s)[1]
         t = spec.train
         torch.manual_seed(t.seed)
@@ -231,7 +235,7 @@ class Run:
         with torch.random.fork_rng(devices=[]):  # building a model must not move the global RNG
             model = build_model(self.spec).to(self.device).eval()
         copy_params(model, self.ema.params if ema is None else ema)
-        return Generator(model, self.spec, self.device)
+        return Generator(model, self.spec, self.device, self.vae)
 
     def log(self, rec: dict) -> None:
         if self.world.main:
@@ -244,7 +248,9 @@ class Run:
     def grid(self, ema: dict[str, torch.Tensor] | None = None) -> Path:
         g = self.generator(ema)
         steps = 2 if g.is_consistency else 18
-        save_grid(to_uint8(generate(g, 64, steps=steps, seed=self.spec.train.seed), self.spec), self.grid_path())
+        images = to_images(g, generate(g, 64, steps=steps, seed=self.spec.train.seed))  # latent runs: decoded by the VAE
+        self.vae = g.vae  # loaded once
+        save_grid(images, self.grid_path())
         return self.grid_path()
 
     def evaluate(self, ema: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
@@ -317,11 +323,12 @@ def train(spec: Spec, out: Path, resume: bool = False, progress: bool = True, ve
     t = spec.train
     world, device = parallel.join(t.device, t.dist_timeout_s)
     local_batch = parallel.check_batch(t.batch, t.accum, world) * t.accum  # this process's share of a step
+    vae = load_decoder(spec, device, flag="--data.vae") if world.main else None  # latent runs: grids decode through it
     if world.main:
         for note in prepare(out, resume):
             print(note, file=sys.stderr, flush=True)
     parallel.barrier(world)  # the run folder is ready
-    run = Run(spec, out, resume, verify, world, device)
+    run = Run(spec, out, resume, verify, world, device, vae)
     stream = batches(spec.data, spec.objective.sigma_d, local_batch, t.seed, start_images=run.images // world.size,
                      rank=world.rank, world_size=world.size)
     if not resume:
