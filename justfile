@@ -4,7 +4,7 @@
 train spec *args:
     python -m scm_graph.train {{spec}} {{args}}
 
-# Write shards: just shard digits | just shard cifar10 --src cifar-10-python.tar.gz | just shard folder --src DIR --resolution R
+# Write shards: just shard digits | just shard cifar10 --src cifar-10-python.tar.gz | just shard folder --src DIR --resolution R | just shard imagenet --src DIR --resolution 64 (or 512 --vae VAE_DIR)
 shard *args:
     python -m scm_graph.shard {{args}}
 
@@ -16,7 +16,7 @@ sample *args:
 eval *args:
     python -m scm_graph.eval {{args}}
 
-# Benchmarks: just bench step [--spec specs/digits_dit.py --precision fp32 bf16 ...] | just bench attention [--n 1024 4096 ...] | just bench memory --spec S --ranks 1 8
+# Benchmarks: just bench step [--spec specs/digits_dit.py --precision fp32 bf16 ...] | just bench attention [--n 1024 4096 ...] | just bench memory --spec S --ranks 1 8 | just bench encode [--vae DIR --batch 32]
 bench what *args:
     python -m scm_graph.bench {{what}} {{args}}
 

@@ -34,7 +34,10 @@ def test_main_missing_src_is_one_line(tmp_path: Path, capsys):
     (["digits", "--shard-size", "0"], "error: --shard-size must be positive, not 0"),
     (["digits", "--shard-size", "many"], "error: argument --shard-size: invalid int value: 'many'"),
     (["cifar10", "--src", "x", "--split", "val"], "error: argument --split: invalid choice: 'val' (choose from train, test)"),
-    (["imagenet"], "error: argument SOURCE: invalid choice: 'imagenet' (choose from digits, cifar10, folder)"),
+    (["mnist"], "error: argument SOURCE: invalid choice: 'mnist' (choose from digits, cifar10, folder, imagenet)"),
+    (["imagenet", "--src", "."], "error: the following arguments are required: --resolution"),
+    (["imagenet", "--src", ".", "--resolution", "64", "--latent", "std"],
+     "error: argument --latent: invalid choice: 'std' (choose from mean_std, mean)"),
     ([], "error: the following arguments are required: SOURCE"),
     (["digits", "--name", ".hidden"], "error: --name must be a plain folder name, not '.hidden'"),
 ])
@@ -45,7 +48,8 @@ def test_main_bad_arguments_say_what_is_wrong(tmp_path: Path, capsys, monkeypatc
     assert e.value.code == 2
     err = capsys.readouterr().err
     if "(choose from" in line:  # argparse quotes the choices in some Python versions and not in others
-        err = err.replace("'digits'", "digits").replace("'cifar10'", "cifar10").replace("'folder'", "folder")
+        for choice in ("digits", "cifar10", "folder", "imagenet", "mean_std", "mean"):
+            err = err.replace(f"'{choice}'", choice)
         err = err.replace("'train'", "train").replace("'test'", "test")
     assert err == line + "\n"
     assert list(tmp_path.iterdir()) == []  # nothing written

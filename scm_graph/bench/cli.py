@@ -1,6 +1,7 @@
 """`python -m scm_graph.bench step ...` (the train steps, `bench.step`), `python -m scm_graph.bench attention ...`
 (the attention JVP op, `bench.attention`) or `python -m scm_graph.bench memory ...` (per-rank memory of
-multi-process training, `bench.memory`)."""
+multi-process training, `bench.memory`) or `python -m scm_graph.bench encode ...` (ImageNet preprocessing and SD-VAE
+encoding for `shard imagenet --vae`, `bench.encode`)."""
 
 from __future__ import annotations
 
@@ -21,4 +22,8 @@ def main(argv: list[str]) -> None:
         from scm_graph.bench.memory import main as memory_main
 
         return memory_main(argv[1:])
-    raise UserError("usage: python -m scm_graph.bench {step,attention,memory} [--help]")
+    if argv[:1] == ["encode"]:
+        from scm_graph.bench.encode import main as encode_main
+
+        return encode_main(argv[1:])
+    raise UserError("usage: python -m scm_graph.bench {step,attention,memory,encode} [--help]")
