@@ -17,6 +17,8 @@ from scm_graph import trigflow
 from scm_graph.errors import UserError
 from scm_graph.nets.dit import DiT
 from scm_graph.nets.dit import check_config as check_dit
+from scm_graph.nets.edm2 import EDM2UNet
+from scm_graph.nets.edm2 import check_config as check_edm2
 from scm_graph.nets.embedding import PositionalEmbedding
 from scm_graph.nets.unet import UNet
 from scm_graph.nets.unet import check_config as check_unet
@@ -65,21 +67,29 @@ class TrigFlowModel(nn.Module):
         return getattr(self.net.emb, "guidance", None) is not None
 
 
+# Network fields that may be empty or zero (the rest must be positive).
+OPTIONAL_FIELDS = ("attn_resolutions", "dropout_resolutions", "res_balance", "attn_balance", "concat_balance", "label_balance")
+
+
 def check_net(spec: Spec) -> None:
     """The network's shape checks for this spec, as one-line UserErrors naming the field (`net.unet.head_dim: ...`).
 
-    U-Net levels depend on the image resolution, so they are checked once the spec is resolved
+    U-Net levels (DDPM++ and EDM2) depend on the image resolution, so they are checked once the spec is resolved
     (resolution 0 skips them); `build_model` runs the same checks.
     """
     n, resolution = spec.net, spec.data.resolution
-    for name, value in dataclasses.asdict(n.unet if n.arch == "unet" else n.dit).items():
+    for name, value in dataclasses.asdict(getattr(n, n.arch)).items():
         values = value if isinstance(value, tuple) else (value,)
-        if name != "attn_resolutions" and not (values and all(v > 0 for v in values)):
+        if name not in OPTIONAL_FIELDS and not (values and all(v > 0 for v in values)):
             raise UserError(f"net.{n.arch}.{name} must be positive, got {value}")
     try:
         if n.arch == "dit":
             check_dit(resolution, n.dit.width, n.dit.patch_size, n.dit.head_dim)
-        elif resolution:
+        elif n.arch == "edm2" and resolution:
+            u = n.edm2
+            check_edm2(resolution, u.channels, u.channel_mult, u.attn_resolutions, u.head_dim, u.dropout_resolutions,
+                       u.res_balance, u.attn_balance, u.concat_balance, u.label_balance)
+        elif n.arch == "unet" and resolution:
             check_unet(resolution, n.unet.channels, n.unet.channel_mult, n.unet.attn_resolutions, n.unet.head_dim)
     except ValueError as e:  # the nets name the field: "head_dim: ..."
         raise UserError(f"net.{n.arch}.{e}") from None
@@ -98,8 +108,10 @@ def build_model(spec: Spec) -> TrigFlowModel:
         net = DiT(d.resolution, d.channels, **dataclasses.asdict(n.dit), **common)
     elif n.arch == "unet":
         net = UNet(d.resolution, d.channels, **dataclasses.asdict(n.unet), **common)
+    elif n.arch == "edm2":
+        net = EDM2UNet(d.resolution, d.channels, **dataclasses.asdict(n.edm2), **common)
     else:
-        raise ValueError(f"unknown net.arch {n.arch!r}: expected 'unet' or 'dit'")
+        raise ValueError(f"unknown net.arch {n.arch!r}: expected 'unet', 'edm2' or 'dit'")
     return TrigFlowModel(net, AdaptiveWeight(), spec.objective.sigma_d)
 
 

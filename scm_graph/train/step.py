@@ -102,6 +102,7 @@ class TrainStep:
         self.world = wrapped.world if wrapped else World()
         self.optim_cfg = spec.optim
         self.optimizer = make_optimizer(list(self.params.values()), spec.optim)
+        self.renormalize = getattr(getattr(model, "net", None), "renormalize_", None)  # EDM2's forced weight normalisation
         objective, cfg = get_objective(spec.objective.kind, teacher), spec.objective  # sCD: the frozen teacher
         self.precision = spec.train.precision
         amp_dtype(self.precision)  # one-line error for an unknown precision, before any compilation
@@ -170,6 +171,8 @@ class TrainStep:
         apply = bool(loss_ok and grad_ok) and some_ok
         if apply:
             self.scaler.step(self.optimizer)  # = optimizer.step() unless fp16 (whose own inf check agrees here)
+            if self.renormalize is not None:
+                self.renormalize()  # weights back onto their spheres (EDM2 Eq. 66), outside every traced function
         if self.scaler.is_enabled():
             self.scaler.update()  # fp16: backs the scale off after an overflow, grows it after clean steps
         self.optimizer.zero_grad(set_to_none=True)
