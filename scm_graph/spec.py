@@ -228,6 +228,8 @@ class TrainSpec:
     """Images between JSONL metric lines (0 = only at the end)."""
     sample_every_images: Annotated[int, NON_NEGATIVE] = 5_120_000
     """Images between sample grids (one is always made at the end)."""
+    grid_samples: Annotated[int, AT_LEAST_1] = 64
+    """Samples in each grid (2-step consistency or 18-step Heun samples, decoded by the VAE for latent runs)."""
     ckpt_every_images: Annotated[int, NON_NEGATIVE] = 5_120_000
     """Images between checkpoints (one is always written at the end)."""
     eval_every_images: Annotated[int, NON_NEGATIVE] = 0

@@ -31,11 +31,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from scm_graph.spec import DataSpec, EDM2Spec, NetSpec, ObjectiveSpec, OptimSpec, Spec, TrainSpec
+from scm_graph.nets.sizes import EDM2_SIZES
+from scm_graph.spec import DataSpec, NetSpec, ObjectiveSpec, OptimSpec, Spec, TrainSpec
 
 BATCH = 2048
 MIMG = 1 << 20
-CHANNELS = {"s": 192, "m": 256, "l": 320, "xl": 384, "xxl": 448}  # EDM2 model_channels per size
 TEACHER_LR = {"s": 1e-2, "m": 9e-3, "l": 8e-3, "xl": 7e-3, "xxl": 6e-3}  # EDM2 / sCM Appendix G
 TEACHER_DROPOUT = {"s": 0.0, "m": 0.1, "l": 0.1, "xl": 0.1, "xxl": 0.1}  # EDM2
 TEACHER_MIMG = {  # EDM2 training lengths in Mimg (2^20 images)
@@ -89,7 +89,7 @@ def imagenet_spec(resolution: int, kind: str, size: str) -> Spec:
         name=spec_name(resolution, kind, size),
         data=_data(resolution),
         net=NetSpec(arch="edm2", dropout=dropout, class_conditional=True,
-                    edm2=EDM2Spec(channels=CHANNELS[size], dropout_resolutions=dropout_resolutions)),
+                    edm2=dataclasses.replace(EDM2_SIZES[size.upper()].spec(), dropout_resolutions=dropout_resolutions)),
         objective=_objective(resolution, kind, size),
         optim=OptimSpec(kind="adam", lr=lr, betas=(0.9, 0.99), eps=1e-11, lr_rampup_images=10 * MIMG,
                         lr_decay_images=DECAY_STEPS[resolution] * BATCH),

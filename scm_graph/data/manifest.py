@@ -111,6 +111,9 @@ def shard_hint(folder: Path, rewrite: bool = False) -> str:
     """How to (re)write the shard set at `folder`."""
     name = folder.name
     src = name if name in ("digits", "cifar10") else f"folder --src DIR --resolution R --name {name}"
+    if name.startswith("imagenet"):
+        vae = " --vae VAE_FOLDER" if name.endswith("-sdvae") else ""
+        src = f"imagenet --src IMAGENET_DIR --resolution R{vae} --name {name}"
     if name == "cifar10":
         src = "cifar10 --src cifar-10-python.tar.gz"
     force = " --force" if rewrite else ""

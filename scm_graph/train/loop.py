@@ -63,7 +63,7 @@ from scm_graph.train.step import TrainStep, Wrapped
 NONFINITE_PATIENCE = 10  # consecutive steps without an update (non-finite) before the run stops
 
 # Fields a resumed run may change; everything else must match the checkpoint's spec.
-RESUMABLE = {"train.total_images", "train.time_limit_s", "train.log_every_images", "train.sample_every_images",
+RESUMABLE = {"train.total_images", "train.time_limit_s", "train.log_every_images", "train.sample_every_images", "train.grid_samples",
              "train.ckpt_every_images", "train.eval_every_images", "train.eval_samples", "train.compile",
              "train.device", "train.precision", "train.out", "train.keep_last", "train.progress", "train.progress_every_s",
              "data.workers", "data.root", "data.vae",
@@ -248,7 +248,7 @@ class Run:
     def grid(self, ema: dict[str, torch.Tensor] | None = None) -> Path:
         g = self.generator(ema)
         steps = 2 if g.is_consistency else 18
-        images = to_images(g, generate(g, 64, steps=steps, seed=self.spec.train.seed))  # latent runs: decoded by the VAE
+        images = to_images(g, generate(g, self.spec.train.grid_samples, steps=steps, seed=self.spec.train.seed))  # latent runs: decoded by the VAE
         self.vae = g.vae  # loaded once
         save_grid(images, self.grid_path())
         return self.grid_path()
