@@ -111,7 +111,9 @@ def step_table(rows: list[StepTiming], spec_path: str, spec: Spec, batch: int, d
     model = build_model(spec)
 
     def cell(r: StepTiming | None, fmt: str) -> str:
-        return "–" if r is None else format(r.images_per_s if fmt == "ips" else r.warmup_s, ".1f")
+        if r is None:
+            return "–"
+        return format(r.warmup_s, ".1f") if fmt != "ips" else format(r.images_per_s, ".1f" if r.images_per_s >= 1 else ".3g")
 
     lines = [
         f"## `just bench step` — {spec_path} — {device_name(dev)}, {' / '.join(precisions)}",
@@ -145,7 +147,7 @@ def _bench_spec(path: str) -> Spec:
     spec = read_spec_file(path)
     d = spec.data
     if not d.resolution or not d.channels:  # shape from the spec's data set, without needing its shards
-        shapes = {"digits": (1, 8, 10), "cifar10": (3, 32, 10)}
+        shapes = {"digits": (1, 8, 10), "cifar10": (3, 32, 10), "imagenet64": (3, 64, 1000), "imagenet512-sdvae": (4, 64, 1000)}
         if d.name not in shapes:
             raise UserError(f"--spec {path}: set data.resolution and data.channels to benchmark without shards")
         c, r, k = shapes[d.name]
