@@ -50,8 +50,16 @@ def load_vae(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
 
         kind = json.loads((p / "config.json").read_text()).get("_class_name")
         if kind != "AutoencoderKL":
-            raise ValueError(f"its config.json describes a {kind!r}, not an AutoencoderKL")
-        vae = AutoencoderKL.from_pretrained(str(p), local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=False)
+            hint = "; pass its vae/ sub-folder" if (p / "vae" / "config.json").is_file() else ""
+            raise ValueError(f"its config.json describes a {kind!r}, not an AutoencoderKL{hint}")
+        from diffusers.utils import logging as diffusers_logging
+
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # our one line says what went wrong, not diffusers' warnings
+        try:
+            vae = AutoencoderKL.from_pretrained(str(p), local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=False)
+        finally:
+            diffusers_logging.set_verbosity(level)
     except Exception as e:  # a broken folder is user input
         raise UserError(f"{flag} {path}: cannot load a diffusers AutoencoderKL ({first_line(e)})") from None
     dev = torch.device(device)

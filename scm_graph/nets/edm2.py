@@ -52,7 +52,7 @@ CLIP_ACT = 256.0  # EDM2 clips block outputs to [-256, 256]
 
 def normalize(w: Tensor, eps: float = 1e-4) -> Tensor:
     """Each output channel (dim 0) of `w` scaled to unit RMS, i.e. to norm sqrt(fan_in) (EDM2 Eq. 66); scale-invariant."""
-    fan_in = w[0].numel()
+    fan_in = math.prod(w.shape[1:])  # not w[0]: an FSDP2 shard may hold no rows
     rms = torch.linalg.vector_norm(w, dim=tuple(range(1, w.ndim)), keepdim=True) / math.sqrt(max(fan_in, 1))
     return w / rms.clamp_min(eps)
 
@@ -281,7 +281,7 @@ class EDM2UNet(nn.Module):
         cemb = channels * emb_mult
         self.concat_balance = concat_balance
         self.emb = EDM2Embedding(cblock[0], cemb, num_classes, label_balance, guidance_conditional)
-        self.out_gain = nn.Parameter(torch.zeros([]))  # F = 0 at init
+        self.out_gain = nn.Parameter(torch.zeros([1]))  # F = 0 at init; 1-D, since FSDP2 refuses scalar parameters
         salt = itertools.count(1)  # a distinct dropout salt per block
 
         def block(cin: int, cout: int, res: int, flavor: Literal["enc", "dec"], resample: Literal["keep", "down", "up"] = "keep",

@@ -16,8 +16,11 @@ from scm_graph.precision import fp32_region
 
 
 def pnorm(v: Tensor, eps: float = 1e-4, dim: int = 1) -> Tensor:
-    """Pixel norm over channels (`dim`; -1 for token tensors [B, N, C]): v / sqrt(mean(v^2) + eps) (sCM Sec. 4.1)."""
-    return v * torch.rsqrt(v.square().mean(dim=dim, keepdim=True) + eps)
+    """Pixel norm over channels (`dim`; -1 for token tensors [B, N, C]): v / sqrt(mean(v^2) + eps) (sCM Sec. 4.1).
+
+    The mean square is taken in float32: in fp16 a value of 256 (EDM2's activation clip) squares past fp16's maximum."""
+    w = v.float() if v.dtype in (torch.float16, torch.bfloat16) else v  # float64 stays float64
+    return v * torch.rsqrt(w.square().mean(dim=dim, keepdim=True) + eps).to(v.dtype)
 
 
 def group_norm(x: Tensor, groups: int, eps: float = 1e-5) -> Tensor:

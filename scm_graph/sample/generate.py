@@ -127,19 +127,26 @@ def is_latent(spec: Spec) -> bool:
     return bool(spec.data.vae)
 
 
-def load_decoder(spec: Spec, device: torch.device | str, path: str | None = None, flag: str = "--vae") -> Vae | None:
-    """The VAE that decodes a latent model's samples on `device` (None for a pixel model): the folder `path`
-    (the value of `flag`), else the spec's `data.vae`; one-line UserError naming `flag` if it cannot be used."""
+def decoder_folder(spec: Spec, path: str | None = None, flag: str = "--vae") -> str | None:
+    """The folder of the VAE that decodes a latent model's samples (None for a pixel model): `path` (the value of
+    `flag`), else the spec's `data.vae`, which must exist; one-line UserError naming `flag` otherwise. Cheap: loads nothing."""
     if not is_latent(spec):
         if path:
             raise UserError(f"{flag} given but this model samples pixels, not VAE latents")
         return None
+    if not path and not Path(spec.data.vae).is_dir():
+        raise UserError(f"the VAE folder {spec.data.vae} (data.vae) is missing; pass {flag} PATH, the folder of the "
+                        "diffusers AutoencoderKL that encoded the shards")
+    return path or spec.data.vae
+
+
+def load_decoder(spec: Spec, device: torch.device | str, path: str | None = None, flag: str = "--vae") -> Vae | None:
+    """The VAE that decodes a latent model's samples on `device` (None for a pixel model): the folder `path`
+    (the value of `flag`), else the spec's `data.vae`; one-line UserError naming `flag` if it cannot be used."""
     name = flag if path else "data.vae"
-    if not path:
-        path = spec.data.vae
-        if not Path(path).is_dir():
-            raise UserError(f"the VAE folder {path} (data.vae) is missing; pass {flag} PATH, the folder of the "
-                            "diffusers AutoencoderKL that encoded the shards")
+    path = decoder_folder(spec, path, flag)
+    if path is None:
+        return None
     with torch.random.fork_rng(devices=[]):  # building the module must not move the global RNG
         vae = load_vae(path, device, flag=name)
     if vae.latent_channels != spec.data.channels:

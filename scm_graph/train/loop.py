@@ -42,7 +42,7 @@ from scm_graph.model import (
 )
 from scm_graph.objectives import StepInputs
 from scm_graph.progress import Progress
-from scm_graph.sample.generate import Generator, generate, load_decoder, to_images
+from scm_graph.sample.generate import Generator, decoder_folder, generate, load_decoder, to_images
 from scm_graph.sample.grid import save_grid
 from scm_graph.spec import Spec, distils_guidance, spec_from_json, spec_to_json
 from scm_graph.train import parallel
@@ -58,7 +58,7 @@ from scm_graph.train.rundir import (
     read_records,
     truncate_metrics,
 )
-from scm_graph.train.step import TrainStep, Wrapped
+from scm_graph.train.step import TrainStep, Wrapped, learning_rate
 
 NONFINITE_PATIENCE = 10  # consecutive steps without an update (non-finite) before the run stops
 
@@ -323,6 +323,7 @@ def train(spec: Spec, out: Path, resume: bool = False, progress: bool = True, ve
     t = spec.train
     world, device = parallel.join(t.device, t.dist_timeout_s)
     local_batch = parallel.check_batch(t.batch, t.accum, world) * t.accum  # this process's share of a step
+    decoder_folder(spec, flag="--data.vae")  # every process: a missing VAE is one line from each, not a lost rank 0
     vae = load_decoder(spec, device, flag="--data.vae") if world.main else None  # latent runs: grids decode through it
     if world.main:
         for note in prepare(out, resume):
@@ -377,7 +378,9 @@ def train(spec: Spec, out: Path, resume: bool = False, progress: bool = True, ve
                 r = float(inp.r)
                 if run.teacher is not None and world.main:  # sCD: the teacher's share of the step time (timing, like img_per_s)
                     rec["teacher_share"] = round(min(1.0, teacher_seconds(run.teacher.module, inp, t.precision) * ips / t.batch), 3)
-                last = {"images": run.images, "step": run.step, **rec, "r": r, "img_per_s": round(ips, 1), "wall_s": round(run.wall, 2)}
+                lr = learning_rate(spec.optim, before)  # the last step's (optim.lr_rampup_images / lr_decay_images)
+                last = {"images": run.images, "step": run.step, **rec, "r": r, "lr": lr, "img_per_s": round(ips, 1),
+                        "wall_s": round(run.wall, 2)}
                 run.log(last)
                 bar.update(run.images, rate=ips, loss=math.nan if rec["loss"] is None else rec["loss"])
             else:

@@ -203,3 +203,22 @@ def test_processes_agree_on_nonfinite_batches(tmp_path, shard_root):
     assert len(lines) == 2 and (lines[1] == f"error: rank 1: {want}" or lines[1].startswith(others)), lines
     kept = load_checkpoint(out / "ckpt.safetensors")  # written at step 11; the halting step 12 wrote nothing
     assert kept.images == 176 and all(torch.isfinite(v).all() for v in kept.net.values())
+
+
+EDM2_ARGS = ("--net.arch", "edm2", "--net.edm2.channels", "8", "--net.edm2.channel_mult", "1", "2",
+             "--net.edm2.num_blocks", "1", "--net.edm2.head_dim", "8", "--net.edm2.attn_resolutions", "4")
+
+
+def test_edm2_under_ddp_and_fsdp_equals_one_process(tmp_path, shard_root):
+    """EDM2's forced weight normalisation (renormalize_ after each optimiser step) on DDP replicas and on FSDP2
+    shards; the digits' 1-channel output convolution leaves rank 1 a shard with no rows."""
+    for name, n, extra in (("one", 0, ()), ("ddp", 2, ()), ("fsdp", 2, ("--train.parallel", "fsdp"))):
+        ok(run(train_cmd(tmp_path / name, shard_root, 32, *EDM2_ARGS, *extra, n=n)))
+    one = load_checkpoint(tmp_path / "one" / "ckpt.safetensors")
+    for name in ("ddp", "fsdp"):
+        other = load_checkpoint(tmp_path / name / "ckpt.safetensors")
+        assert (other.step, other.images) == (one.step, one.images) == (2, 32)
+        for k, v in one.net.items():
+            torch.testing.assert_close(other.net[k], v, atol=2e-5, rtol=1e-4, msg=f"{name}: {k}")
+    rms = one.net["net.enc.0.conv_res0.weight"].flatten(1).square().mean(1).sqrt()
+    torch.testing.assert_close(rms, torch.ones_like(rms), atol=1e-5, rtol=0)  # each weight back on its sphere
