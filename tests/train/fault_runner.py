@@ -85,10 +85,10 @@ def install(point: str, n: int) -> None:
     if point in ("start", "step"):
         call = TrainStep.__call__
 
-        def step_hook(self, inp, first=0):
+        def step_hook(self, inp, first=0, images=0):
             if point == "start" and hit():
                 _die(point, n, "before the first train step")
-            out = call(self, inp, first)
+            out = call(self, inp, first, images)
             if point == "step" and hit():
                 _die(point, n, "after the train step")
             return out

@@ -24,10 +24,10 @@ def _record_raw_weights(monkeypatch) -> list[dict[str, torch.Tensor]]:
     seen: list[dict[str, torch.Tensor]] = []
     call = TrainStep.__call__
 
-    def recording(self, inp, first=0):
+    def recording(self, inp, first=0, images=0):
         if not seen:
             seen.append({k: v.detach().clone() for k, v in self.params.items()})
-        out = call(self, inp, first)
+        out = call(self, inp, first, images)
         seen.append({k: v.detach().clone() for k, v in self.params.items()})
         return out
 
