@@ -37,6 +37,7 @@ RANKS = {  # longest matching prefix wins
     "scm_graph.sample": 11,
     "scm_graph.eval": 12,
     "scm_graph.train.loop": 13, "scm_graph.train.meter": 13, "scm_graph.train.rundir": 13, "scm_graph.train.distill": 13, "scm_graph.train.cli": 13, "scm_graph.train.__main__": 13, "scm_graph.bench": 13,
+    "scm_graph.diagnose": 13, "scm_graph.report": 13,
 }
 
 # Beyond the ranks: what the contract names explicitly.

@@ -39,7 +39,13 @@ def tangent(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, x_t: T
 
     No gradient flows out of either.
     """
-    sigma_d, t = model.sigma_d, inp.t
+    F_minus, dF = tangent_jvp(model, params, inp, x_t, dxt)
+    return F_minus, tangent_of(F_minus, dF, x_t, dxt, inp.t, inp.r, model.sigma_d)
+
+
+def tangent_jvp(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, x_t: Tensor, dxt: Tensor) -> tuple[Tensor, Tensor]:
+    """(F^-, dF = cos t sin t dF^-/dt along (dx_t/dt, 1)), detached, in x_t's dtype: the JVP of `tangent`."""
+    t = inp.t
     theta_minus = {k: v.detach() for k, v in params.items()}
     cos, sin = torch.cos(t), torch.sin(t)
 
@@ -49,11 +55,16 @@ def tangent(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, x_t: T
     cs = trigflow.expand(cos * sin, x_t)
     # JVP along (dx_t/dt, 1), pre-scaled by cos t sin t (Sec. 5.1 rearrangement); the model divides by sigma_d
     F_minus, dF = jvp(F_minus_fn, (x_t, t), (cs * dxt, cos * sin))
-    F_minus, dF = F_minus.detach().to(x_t.dtype), dF.detach().to(x_t.dtype)  # out of half precision at once
+    return F_minus.detach().to(x_t.dtype), dF.detach().to(x_t.dtype)  # out of half precision at once
+
+
+def tangent_of(F_minus: Tensor, dF: Tensor, x_t: Tensor, dxt: Tensor, t: Tensor, r: Tensor, sigma_d: float) -> Tensor:
+    """Algorithm 1's un-normalised g from the JVP's (F^-, dF), in float32 under autocast."""
+    cos, sin = torch.cos(t), torch.sin(t)
+    cs = trigflow.expand(cos * sin, x_t)
     with fp32_region(x_t):
         c2 = trigflow.expand(cos.square(), x_t)
-        g = -c2 * (sigma_d * F_minus - dxt) - trigflow.expand(inp.r, x_t) * (cs * x_t + sigma_d * dF)  # Algorithm 1
-    return F_minus, g
+        return -c2 * (sigma_d * F_minus - dxt) - trigflow.expand(r, x_t) * (cs * x_t + sigma_d * dF)  # Algorithm 1
 
 
 def normalize_tangent(g: Tensor, cfg: ObjectiveSpec) -> tuple[Tensor, Tensor]:
