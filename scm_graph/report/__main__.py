@@ -1,0 +1,3 @@
+from scm_graph.report.cli import main
+
+main()
