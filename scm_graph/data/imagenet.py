@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scm_graph.data.folder import IMAGE_EXTS, _skip_reason, load_image
+from scm_graph.data.folder import IMAGE_EXTS, _list_images, load_image
 from scm_graph.errors import UserError, first_line
 
 
@@ -79,17 +79,10 @@ def list_class_files(root: Path, class_names: tuple[str, ...]) -> ClassFiles:
             skipped.append(("outside class folders", p.name))
     for label, name in enumerate(class_names):
         folder = root / name
-        before = len(found)
-        for p in sorted(folder.rglob("*"), key=lambda p: p.relative_to(root).as_posix()):
-            if not p.is_file():
-                continue
-            rel = p.relative_to(root)
-            reason = _skip_reason(rel)
-            if reason is None:
-                found.append((rel.as_posix(), label))
-            else:
-                skipped.append((reason, rel.as_posix()))
-        if len(found) == before:
+        files, others = _list_images(folder)  # the folder source's listing, within this class folder
+        found += [(p.relative_to(root).as_posix(), label) for p in files]
+        skipped += [(reason, f"{name}/{rel}") for reason, rel in others]
+        if not files:
             raise UserError(f"class folder {folder} holds no images ({', '.join(sorted(IMAGE_EXTS))}); "
                             "every class folder needs at least one")
     order = np.random.default_rng(0).permutation(len(found))  # mix classes across shards, reproducibly

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from scm_graph import ops
 from scm_graph.nets.attention import num_heads
 from scm_graph.nets.dropout import KeyedDropout
-from scm_graph.nets.embedding import PositionalEmbedding
+from scm_graph.nets.embedding import PositionalEmbedding, class_one_hot
 from scm_graph.nets.norm import pnorm
 from scm_graph.precision import fp32_region
 
@@ -132,11 +132,8 @@ class EDM2Embedding(nn.Module):
                 f = f + self.guidance(self.pos(guidance))  # the CFG scale s as an extra input (sCM Sec. 6)
             emb = self.noise(f)
             if self.label is not None:
-                if class_labels is None:
-                    raise ValueError("this network is class-conditional: pass class_labels")
-                known = (class_labels >= 0).unsqueeze(1)  # a negative label is the null class (CFG): a zero one-hot
-                one_hot = F.one_hot(class_labels.clamp(min=0), self.num_classes) * known
-                y = self.label(one_hot.to(emb.dtype) * math.sqrt(self.num_classes))  # unit-RMS one-hot (EDM2)
+                one_hot = class_one_hot(class_labels, self.num_classes).to(emb.dtype)
+                y = self.label(one_hot * math.sqrt(self.num_classes))  # unit-RMS one-hot (EDM2)
                 emb = mp_sum(emb, y, self.label_balance)
             return mp_silu(emb)
 

@@ -14,6 +14,15 @@ from torch import Tensor, nn
 from scm_graph.precision import fp32_region
 
 
+def class_one_hot(class_labels: Tensor | None, num_classes: int) -> Tensor:
+    """[B] labels -> [B, num_classes] one-hot (integer); label -1 (any negative) is the null class of
+    classifier-free guidance, a zero one-hot, as EDM2 does. ValueError when the labels are missing."""
+    if class_labels is None:
+        raise ValueError("this network is class-conditional: pass class_labels")
+    known = (class_labels >= 0).unsqueeze(1)  # a negative label is the null class (CFG): a zero one-hot
+    return F.one_hot(class_labels.clamp(min=0), num_classes) * known
+
+
 class PositionalEmbedding(nn.Module):
     """DDPM-style sin/cos embedding of c_noise, frequencies (1/max_positions)^(k/half), k < half.
 
@@ -56,11 +65,7 @@ class ConditionEmbedding(nn.Module):
         with fp32_region(c_noise):  # t and the time embedding stay float32 under autocast
             emb = self.noise(c_noise)
             if self.label is not None:
-                if class_labels is None:
-                    raise ValueError("this network is class-conditional: pass class_labels")
-                known = (class_labels >= 0).unsqueeze(1)  # a negative label is the null class (CFG): a zero one-hot
-                one_hot = F.one_hot(class_labels.clamp(min=0), self.num_classes) * known
-                emb = emb + self.label(one_hot.to(emb.dtype))
+                emb = emb + self.label(class_one_hot(class_labels, self.num_classes).to(emb.dtype))
             if self.guidance is not None:
                 if guidance is None:
                     raise ValueError("this network is guidance-conditional: pass guidance (the CFG scale s, shape [B])")
