@@ -50,3 +50,13 @@ def test_token_pnorm_and_adaptive_norm_match_float64_reference():
     s = s / torch.sqrt(s.square().mean(-1, keepdim=True) + 1e-4)
     b = b / torch.sqrt(b.square().mean(-1, keepdim=True) + 1e-4)
     assert torch.allclose(layer(x, emb), xn * s[:, None] + b[:, None], atol=1e-12)
+
+
+def test_pnorm_of_half_precision_does_not_overflow():
+    """fp16 and bf16 take the mean square in float32: 256 (EDM2's activation clip) squared passes fp16's maximum."""
+    v = torch.tensor([[256.0, 1.0, 1.0, 1.0], [3.0, -2.0, 0.5, 0.0]], dtype=F64)
+    ref = v / (v.square().mean(1, keepdim=True) + 1e-4).sqrt()  # float64 reference
+    for dtype in (torch.float16, torch.bfloat16):
+        out = pnorm(v.to(dtype))
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        torch.testing.assert_close(out.to(F64), ref, rtol=1e-2, atol=1e-2)
