@@ -260,3 +260,15 @@ def digits_floor_fd(seed: int = 0) -> float:
     perm = np.random.default_rng(seed).permutation(f.shape[0])
     h = f.shape[0] // 2
     return frechet_distance(FeatureStats.of(f[perm[:h]]), FeatureStats.of(f[perm[h:]]))
+
+
+class DigitsFeatures:
+    """The `fd_digits` feature network (scm_graph.eval.features): the classifier's 64 penultimate features."""
+
+    metric, dim = "fd_digits", FEATURE_DIM
+
+    def __init__(self) -> None:
+        self.model = _default_model()[1]
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(digits_features(images, self.model))

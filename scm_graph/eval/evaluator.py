@@ -1,16 +1,23 @@
-"""Scoring a generator: n samples per step count, scored by the digits FD (`scm_graph.eval.digits`).
+"""Scoring a generator: n samples per step count, streamed through feature networks, scored by the
+Frechet distance of their float64 moments against reference statistics.
 
 Consistency models sample with 1, 2, ... steps; diffusion models with the PF-ODE solver (`heun` /
-`euler`, N steps). Inception FID (clean-fid) for CIFAR-10 and ImageNet comes in a later version.
+`euler`, N steps). `fd_digits` uses the built-in real digits as its reference; `fid` and `fd_dinov2`
+need reference statistics (`scm_graph.eval.refs`). Under torchrun the processes split the samples
+(`scm_graph.eval.stream`) and every process returns the same rows.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from scm_graph.errors import UserError
-from scm_graph.sample.generate import Generator, generate, to_uint8
+from scm_graph.eval.features import COLUMN, FeatureNet, FeatureWeights, check_metrics
+from scm_graph.eval.frechet import FeatureStats, frechet_distance
+from scm_graph.eval.registry import feature_net
+from scm_graph.eval.stream import SampleSpec, Split, featurize, sample_images
+from scm_graph.sample.generate import Generator
 from scm_graph.sample.samplers import nfe
 
 
@@ -19,23 +26,74 @@ class EvalRow:
     sampler: str  # "consistency" or "heun" / "euler"
     steps: int
     nfe: int
-    fd: float
+    values: dict[str, float]  # COLUMN[metric] -> value: "fd" (digits), "fid", "fd_dinov2"
     n: int
     seconds: float
     guidance: float = 1.0  # the CFG scale s the samples were drawn at
 
+    @property
+    def fd(self) -> float:
+        """The digits FD."""
+        return self.values["fd"]
 
-def evaluate(g: Generator, steps: list[int], n: int = 1797, solver: str = "heun", seed: int = 0,
-             guidance: float = 1.0) -> list[EvalRow]:
-    from scm_graph.eval.digits import digits_fd
+    def record(self) -> dict[str, object]:
+        """One flat JSON record: sampler, steps, nfe, each metric's value, n, seconds, guidance."""
+        return {"sampler": self.sampler, "steps": self.steps, "nfe": self.nfe, **self.values, "n": self.n,
+                "seconds": self.seconds, "guidance": self.guidance}
 
-    if (g.spec.data.channels, g.spec.data.resolution) != (1, 8):
-        raise UserError("FD is only defined for the 8x8 digits so far (Inception FID comes later)")
+    def log_keys(self) -> dict[str, float]:
+        """The values under their metrics.jsonl keys: fd_2step, fid_1step, fd_dinov2_heun32, ..."""
+        tag = f"{self.steps}step" if self.sampler == "consistency" else f"{self.sampler}{self.steps}"
+        return {f"{col}_{tag}": v for col, v in self.values.items()}
+
+
+@dataclass
+class Metrics:
+    """The feature networks and reference statistics of the metrics to compute (built once, reused)."""
+
+    nets: list[FeatureNet]
+    refs: dict[str, FeatureStats] = field(default_factory=dict)
+
+
+def is_digits_spec(g: Generator) -> bool:
+    return (g.spec.data.channels, g.spec.data.resolution) == (1, 8)
+
+
+def build_metrics(g: Generator, metrics: list[str] | tuple[str, ...], refs: dict[str, FeatureStats] | None = None,
+                  weights: FeatureWeights | None = None) -> Metrics:
+    """Feature networks on the generator's device, and each metric's reference (the real digits for fd_digits)."""
+    check_metrics(metrics)
+    if not metrics:
+        raise UserError("no metric to compute")
+    refs = dict(refs or {})
+    if "fd_digits" in metrics:
+        if not is_digits_spec(g):
+            raise UserError(f"fd_digits scores the 8x8 digits only; this model makes {g.spec.data.channels}x"
+                            f"{g.spec.data.resolution}x{g.spec.data.resolution} samples (use fid or fd_dinov2)")
+        from scm_graph.eval.digits import real_digits_stats
+
+        refs["fd_digits"] = real_digits_stats()
+    missing = [m for m in metrics if m not in refs]
+    if missing:
+        raise UserError(f"{missing[0]} needs reference statistics (--ref FILE; make one with python -m scm_graph.eval ref)")
+    return Metrics([feature_net(m, weights, g.device) for m in metrics], refs)
+
+
+def evaluate(g: Generator, steps: list[int], n: int = 1797, solver: str = "heun", seed: int = 0, guidance: float = 1.0,
+             metrics: Metrics | None = None, batch: int = 1024, progress: str = "off") -> list[EvalRow]:
+    """One row per step count: every metric of `metrics` (default: the digits FD) of n samples."""
+    if metrics is None:
+        if not is_digits_spec(g):
+            raise UserError("the default metric, fd_digits, scores the 8x8 digits only; pass fid or fd_dinov2 metrics")
+        metrics = build_metrics(g, ["fd_digits"])
+    split = Split.current()
     rows = []
     for s in steps:
         t0 = time.perf_counter()
-        x = generate(g, n, steps=s, solver=solver, seed=seed, guidance=guidance)
-        fd = digits_fd(to_uint8(x, g.spec))
+        spec = SampleSpec(n, s, solver, seed, guidance, batch)
+        mine = sum(min(batch, n - c * batch) for c in range(split.rank, (n + batch - 1) // batch, split.size))
         sampler = "consistency" if g.is_consistency else solver
-        rows.append(EvalRow(sampler, s, nfe(g.is_consistency, s, solver), fd, n, time.perf_counter() - t0, guidance))
+        moments = featurize(sample_images(g, spec, split), metrics.nets, mine, f"{sampler} {s}", progress)
+        values = {COLUMN[m]: frechet_distance(mo.all_reduce().stats(), metrics.refs[m]) for m, mo in moments.items()}
+        rows.append(EvalRow(sampler, s, nfe(g.is_consistency, s, solver), values, n, time.perf_counter() - t0, guidance))
     return rows

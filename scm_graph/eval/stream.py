@@ -1,0 +1,99 @@
+"""Samples and real images streamed through feature networks into float64 moments, split over processes.
+
+Generated samples come in chunks of `batch`: chunk c holds samples c * batch ... of the n, its noise drawn
+from a generator seeded by `chunk_seed(seed, c)` and its labels spread over the classes by sample index.
+Under torchrun process r takes the chunks c = r, r + size, ..., so a split job featurises exactly the
+samples one process would, and the merged sums differ only by float64 rounding. Latent models' samples
+are decoded by their VAE (`to_images`) before featurising; nothing is written to disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from scm_graph.eval.features import FeatureNet
+from scm_graph.eval.moments import Moments
+from scm_graph.progress import Progress
+from scm_graph.sample.generate import Generator, generate, to_images
+
+
+@dataclass(frozen=True)
+class Split:
+    """This process's share of the work: rank r of size processes."""
+
+    rank: int = 0
+    size: int = 1
+
+    @staticmethod
+    def current() -> Split:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return Split(dist.get_rank(), dist.get_world_size())
+        return Split()
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The noise seed of chunk `chunk`: `seed` itself for the first, distinct for every (seed < 2^32, chunk) pair."""
+    return seed + (chunk << 32)
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """What to generate: n samples at `steps` (consistency) or an N-step PF-ODE `solver` (diffusion)."""
+
+    n: int
+    steps: int
+    solver: str = "heun"
+    seed: int = 0
+    guidance: float = 1.0
+    batch: int = 1024
+
+
+def sample_images(g: Generator, s: SampleSpec, split: Split = Split()) -> Iterator[Tensor]:
+    """uint8 images [b, C, H, W] of this process's chunks (see the module docstring)."""
+    chunks = (s.n + s.batch - 1) // s.batch
+    for c in range(split.rank, chunks, split.size):
+        start = c * s.batch
+        b = min(s.batch, s.n - start)
+        labels = torch.arange(start, start + b) % g.spec.data.num_classes if g.spec.net.class_conditional else None
+        x = generate(g, b, steps=s.steps, solver=s.solver, seed=chunk_seed(s.seed, c), batch=b, labels=labels,
+                     guidance=s.guidance)
+        yield to_images(g, x)
+
+
+def featurize(images: Iterable[Tensor], nets: list[FeatureNet], total: int = 0, name: str = "features",
+              progress: str = "off") -> dict[str, Moments]:
+    """Every net's float64 moments of the streamed images (this process's share), with a progress display
+    counting images (`total` is this process's share, for the bar)."""
+    moments = {net.metric: Moments.empty(net.dim) for net in nets}
+    with Progress(name, max(total, 1), mode=progress, unit="img") as bar:  # type: ignore[arg-type]
+        done = 0
+        for x in images:
+            for net in nets:
+                moments[net.metric].add(net(x))
+            done += int(x.shape[0])
+            bar.update(done)
+    return moments
+
+
+def real_images(pixels: Iterable[tuple[bytes, int]], shape: tuple[int, int, int], n: int, batch: int,
+                split: Split = Split()) -> Iterator[Tensor]:
+    """The first n of a stream of (uint8 CHW bytes, label) as uint8 batches [b, C, H, W]; process r keeps the
+    images i with (i // batch) % size == r, so the processes' shares add up to the first n."""
+    buf: list[np.ndarray] = []
+    for i, (raw, _label) in enumerate(pixels):
+        if i >= n:
+            break
+        if (i // batch) % split.size == split.rank:
+            buf.append(np.frombuffer(raw, np.uint8).reshape(shape))
+            if len(buf) == batch:
+                yield torch.from_numpy(np.stack(buf))
+                buf = []
+    if buf:
+        yield torch.from_numpy(np.stack(buf))
