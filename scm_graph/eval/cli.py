@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="metrics (default: fd_digits for a digits model; fid / fd_dinov2 need --ref)")
     p.add_argument("--ref", default="", help="reference statistics (.npz: ours from `eval ref`, or clean-fid's for fid)")
     p.add_argument("--solver", choices=["heun", "euler"], default="heun", help="PF-ODE solver (diffusion checkpoints)")
-    p.add_argument("--n", type=int, default=None, help=f"samples per evaluation (default: 1797 for the digits, {FULL_N} otherwise)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", "--num-samples", dest="n", type=int, default=None,
+                   help=f"samples per evaluation (default: 1797 for the digits, {FULL_N} otherwise; under torchrun spell it --num-samples)")
+    p.add_argument("--seed", type=int, default=0, help="sample i's noise is seeded by (seed, i)")
     p.add_argument("--guidance", type=float, default=1.0,
                    help="CFG scale s: a class-conditional diffusion model's guided PF-ODE, or a guidance-distilled sCD student's input (1 = none)")
     p.add_argument("--floor", action="store_true", help="digits: also report FD(real half, other real half)")
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.n is not None and a.n < 2:
         raise UserError(f"--n must be at least 2, not {a.n}")
+    if not 0 <= a.seed < 2**31:
+        raise UserError(f"--seed must be in [0, 2^31), not {a.seed}")
     if any(s < 1 for s in a.steps):
         raise UserError(f"--steps must each be at least 1, not {' '.join(map(str, a.steps))}")
     _check_positive(batch=a.batch)
@@ -81,7 +84,10 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError("--floor is the digits FD's floor; add --metric fd_digits")
         check_guidance(g, a.guidance)
         check_weights(metrics, weights)
-        refs = load_refs(a.ref, [m for m in metrics if m != "fd_digits"]) if any(m != "fd_digits" for m in metrics) else {}
+        need = [m for m in metrics if m != "fd_digits"]
+        if need and not a.ref:  # load_refs("") would look for "." and suggest --out .
+            raise UserError(f"{need[0]} needs reference statistics: pass --ref FILE (make one with python -m scm_graph.eval ref)")
+        refs = load_refs(a.ref, need) if need else {}
         g.vae = load_decoder(g.spec, device, a.vae or None)  # latent models: decode before featurising
         n = a.n or (1797 if is_digits_spec(g) else FULL_N)
         rows = evaluate(g, a.steps, n, a.solver, a.seed, a.guidance, build_metrics(g, metrics, refs, weights),
@@ -122,7 +128,7 @@ def ref_main(argv: list[str]) -> None:
     p.add_argument("--shards", required=True, help="a pixel shard set folder (shards/cifar10)")
     p.add_argument("--out", required=True, help="the .npz to write (an existing file is kept unless --force)")
     p.add_argument("--metric", nargs="+", choices=[m for m in METRICS if m != "fd_digits"], default=["fid"])
-    p.add_argument("--n", type=int, default=None, help="use the first N images (default: all)")
+    p.add_argument("--n", "--num-samples", dest="n", type=int, default=None, help="use the first N images (default: all; under torchrun spell it --num-samples)")
     p.add_argument("--force", action="store_true", help="overwrite --out")
     _weights_args(p)
     a = p.parse_args(argv)

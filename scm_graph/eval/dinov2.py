@@ -65,7 +65,7 @@ class DinoV2Features:
             raise UserError(f"torch.hub could not build {ENTRY} from {repo}: {first_line(e)}") from None
         try:
             model.load_state_dict(_state_dict(f))
-        except RuntimeError as e:
+        except (RuntimeError, TypeError) as e:  # TypeError: the file holds something other than a state_dict
             raise UserError(f"{f} does not fit {ENTRY}: {first_line(e)}") from None
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()

@@ -76,17 +76,23 @@ def build_metrics(g: Generator, metrics: list[str] | tuple[str, ...], refs: dict
     missing = [m for m in metrics if m not in refs]
     if missing:
         raise UserError(f"{missing[0]} needs reference statistics (--ref FILE; make one with python -m scm_graph.eval ref)")
-    return Metrics([feature_net(m, weights, g.device) for m in metrics], refs)
+    nets = [feature_net(m, weights, g.device) for m in metrics]
+    for net in nets:  # before sampling: a mismatch would otherwise surface only after all n samples
+        if refs[net.metric].mu.shape[0] != net.dim:
+            raise UserError(f"the {net.metric} reference statistics hold {refs[net.metric].mu.shape[0]} features, but its "
+                            f"feature network makes {net.dim} (made with another network?)")
+    return Metrics(nets, refs)
 
 
 def evaluate(g: Generator, steps: list[int], n: int = 1797, solver: str = "heun", seed: int = 0, guidance: float = 1.0,
-             metrics: Metrics | None = None, batch: int = 1024, progress: str = "off") -> list[EvalRow]:
-    """One row per step count: every metric of `metrics` (default: the digits FD) of n samples."""
+             metrics: Metrics | None = None, batch: int = 256, progress: str = "off", split: Split | None = None) -> list[EvalRow]:
+    """One row per step count: every metric of `metrics` (default: the digits FD) of n samples. `split`: this
+    process's share (default: the torchrun job's ranks, whose moments are then summed over the job)."""
     if metrics is None:
         if not is_digits_spec(g):
             raise UserError("the default metric, fd_digits, scores the 8x8 digits only; pass fid or fd_dinov2 metrics")
         metrics = build_metrics(g, ["fd_digits"])
-    split = Split.current()
+    split = split or Split.current()
     rows = []
     for s in steps:
         t0 = time.perf_counter()
@@ -94,6 +100,7 @@ def evaluate(g: Generator, steps: list[int], n: int = 1797, solver: str = "heun"
         mine = sum(min(batch, n - c * batch) for c in range(split.rank, (n + batch - 1) // batch, split.size))
         sampler = "consistency" if g.is_consistency else solver
         moments = featurize(sample_images(g, spec, split), metrics.nets, mine, f"{sampler} {s}", progress)
-        values = {COLUMN[m]: frechet_distance(mo.all_reduce().stats(), metrics.refs[m]) for m, mo in moments.items()}
+        merged = {m: mo.all_reduce() if split.size > 1 else mo for m, mo in moments.items()}
+        values = {COLUMN[m]: frechet_distance(mo.stats(), metrics.refs[m]) for m, mo in merged.items()}
         rows.append(EvalRow(sampler, s, nfe(g.is_consistency, s, solver), values, n, time.perf_counter() - t0, guidance))
     return rows

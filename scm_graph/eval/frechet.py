@@ -21,7 +21,7 @@ class FeatureStats:
     n: int
 
     @staticmethod
-    def of(features: np.ndarray) -> "FeatureStats":
+    def of(features: np.ndarray) -> FeatureStats:
         f = np.asarray(features, dtype=np.float64)
         if f.ndim != 2:
             raise UserError(f"features must be [N, d], got shape {tuple(f.shape)}")

@@ -48,12 +48,13 @@ def load_refs(path: str | Path, metrics: list[str] | tuple[str, ...]) -> dict[st
         raise UserError(f"cannot read reference statistics {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     out: dict[str, FeatureStats] = {}
     for metric in metrics:
-        if f"{metric}_mu" in arrays:
+        if f"{metric}_mu" in arrays and f"{metric}_sigma" in arrays:
             mu, sigma, n = arrays[f"{metric}_mu"], arrays[f"{metric}_sigma"], int(arrays.get(f"{metric}_n", np.array(0)))
         elif metric == "fid" and "mu" in arrays and "sigma" in arrays:  # clean-fid's file
             mu, sigma, n = arrays["mu"], arrays["sigma"], 0
         else:
-            have = sorted({k[: -len("_mu")] for k in arrays if k.endswith("_mu")} | ({"fid"} if "mu" in arrays else set()))
+            have = sorted({k[: -len("_mu")] for k in arrays if k.endswith("_mu") and f"{k[: -len('_mu')]}_sigma" in arrays}
+                          | ({"fid"} if "mu" in arrays and "sigma" in arrays else set()))
             raise UserError(f"reference statistics {path} hold no {metric} statistics (they hold: {', '.join(have) or 'none'})")
         mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):

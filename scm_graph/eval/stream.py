@@ -1,10 +1,12 @@
 """Samples and real images streamed through feature networks into float64 moments, split over processes.
 
-Generated samples come in chunks of `batch`: chunk c holds samples c * batch ... of the n, its noise drawn
-from a generator seeded by `chunk_seed(seed, c)` and its labels spread over the classes by sample index.
-Under torchrun process r takes the chunks c = r, r + size, ..., so a split job featurises exactly the
-samples one process would, and the merged sums differ only by float64 rounding. Latent models' samples
-are decoded by their VAE (`to_images`) before featurising; nothing is written to disk.
+Generated sample i (of n) draws its noise from its own generator, seeded by (seed, i) (`generate`'s
+`sample_ids`), and
+class-conditional models get label i mod num_classes, so a sample does not depend on the batch size or on
+how many processes draw. Samples are made `batch` at a time; under torchrun process r takes the batches
+c = r, r + size, ..., so a split job featurises exactly the samples one process would, and the merged sums
+differ only by float64 rounding. Latent models' samples are decoded by their VAE (`to_images`) before
+featurising; nothing is written to disk.
 """
 
 from __future__ import annotations
@@ -38,11 +40,6 @@ class Split:
         return Split()
 
 
-def chunk_seed(seed: int, chunk: int) -> int:
-    """The noise seed of chunk `chunk`: `seed` itself for the first, distinct for every (seed < 2^32, chunk) pair."""
-    return seed + (chunk << 32)
-
-
 @dataclass(frozen=True)
 class SampleSpec:
     """What to generate: n samples at `steps` (consistency) or an N-step PF-ODE `solver` (diffusion)."""
@@ -52,18 +49,18 @@ class SampleSpec:
     solver: str = "heun"
     seed: int = 0
     guidance: float = 1.0
-    batch: int = 1024
+    batch: int = 256
 
 
 def sample_images(g: Generator, s: SampleSpec, split: Split = Split()) -> Iterator[Tensor]:
-    """uint8 images [b, C, H, W] of this process's chunks (see the module docstring)."""
+    """uint8 images [b, C, H, W] of this process's batches (see the module docstring)."""
     chunks = (s.n + s.batch - 1) // s.batch
     for c in range(split.rank, chunks, split.size):
         start = c * s.batch
         b = min(s.batch, s.n - start)
         labels = torch.arange(start, start + b) % g.spec.data.num_classes if g.spec.net.class_conditional else None
-        x = generate(g, b, steps=s.steps, solver=s.solver, seed=chunk_seed(s.seed, c), batch=b, labels=labels,
-                     guidance=s.guidance)
+        x = generate(g, b, steps=s.steps, solver=s.solver, seed=s.seed, batch=b, labels=labels, guidance=s.guidance,
+                     sample_ids=torch.arange(start, start + b))
         yield to_images(g, x)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -85,12 +86,15 @@ def generate(
     batch: int = 1024,
     labels: Tensor | None = None,
     guidance: float = 1.0,
+    sample_ids: Tensor | None = None,
 ) -> Tensor:
     """n samples in model units on the CPU. Deterministic in `seed` (noise drawn on the CPU).
 
     Class-conditional models get `labels` (default: a spread over all classes); `guidance` s != 1 follows
     the classifier-free-guided velocity (diffusion models; their training used label dropout), or is the
-    CFG-scale input of a guidance-distilled sCD student."""
+    CFG-scale input of a guidance-distilled sCD student. `sample_ids` (int [n]) gives every sample its own
+    noise generator instead, numpy's seeded by (seed, id) (torch's CPU generator keeps only 32 bits of a
+    seed): sample j then depends on (seed, sample_ids[j]) alone, not on `batch` or the other samples."""
     d = g.spec.data
     shape = (d.channels, d.resolution, d.resolution)
     if g.spec.net.class_conditional and labels is None:
@@ -104,11 +108,18 @@ def generate(
     for start in range(0, n, batch):
         b = min(batch, n - start)
         lab = None if labels is None else labels[start : start + b].to(g.device)
+        k = len(times) if g.is_consistency else 1  # noise draws per sample
+        if sample_ids is None:
+            noise = [torch.randn(b, *shape, generator=gen) for _ in range(k)]
+        else:  # one generator per sample, its k draws in order
+            own = [np.random.default_rng([seed, int(i)]).standard_normal((k, *shape), dtype=np.float32)
+                   for i in sample_ids[start : start + b]]
+            noise = list(torch.from_numpy(np.stack(own, axis=1)))
+        noise = [z.to(g.device) for z in noise]
         if g.is_consistency:
-            noise = [torch.randn(b, *shape, generator=gen).to(g.device) for _ in times]
             x = sample_consistency(g.model, noise, times, lab, guidance)
         else:
-            x = sample_ode(g.model, torch.randn(b, *shape, generator=gen).to(g.device), times, solver, lab, guidance)
+            x = sample_ode(g.model, noise[0], times, solver, lab, guidance)
         out.append(x.float().cpu())
     return torch.cat(out)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy.linalg import sqrtm
 
 import scm_graph.eval.cli as ev_cli
@@ -65,7 +66,7 @@ def test_evaluate_fd_matches_independent_reference_and_seed(sct_ckpt: Path):
         rows = ev.evaluate(g, [1, 2], n=n, seed=seed)
         assert [(r.steps, r.n) for r in rows] == [(1, n), (2, n)]
         for r in rows:
-            x = to_uint8(generate(g, n, steps=r.steps, seed=seed), g.spec)
+            x = to_uint8(generate(g, n, steps=r.steps, seed=seed, sample_ids=torch.arange(n)), g.spec)
             ref = _fd_reference(digits_features(x), real)
             assert r.fd == pytest.approx(ref, rel=1e-8), (seed, r.steps)
             fds[seed, r.steps] = r.fd
@@ -140,7 +141,7 @@ def test_guided_fd_of_a_class_conditional_model(tmp_path: Path, shard_root: Path
     row = json.loads(capsys.readouterr().out.splitlines()[0])
     assert row["guidance"] == 2.0 and row["sampler"] == "heun"
     g = load_generator(ckpt)
-    direct = digits_fd(to_uint8(generate(g, 80, steps=4, seed=0, guidance=2.0), g.spec))
+    direct = digits_fd(to_uint8(generate(g, 80, steps=4, guidance=2.0, seed=0, sample_ids=torch.arange(80)), g.spec))
     assert row["fd"] == pytest.approx(direct, rel=1e-9)
     plain = ev.evaluate(g, [4], n=80)[0]
     assert plain.guidance == 1.0 and abs(plain.fd - row["fd"]) > 1e-6

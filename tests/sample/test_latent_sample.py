@@ -168,10 +168,13 @@ def test_sample_and_eval_subprocesses(run, tmp_path: Path):
     assert_user_error(res, f"--vae {tmp_path / 'g.png'} is not a folder")
     assert not (tmp_path / "h.png").exists()
     res = run_cli("scm_graph.eval", "--ckpt", run["ckpt"], cwd=tmp_path, timeout=120)
-    assert_user_error(res, f"{run['ckpt']} is a latent model (VAE latents of lat)")
+    assert_user_error(res, f"{run['ckpt']} is not a digits model")
 
 
-def test_eval_refuses_a_latent_checkpoint(run, capsys):
+def test_eval_of_a_latent_checkpoint_needs_an_image_metric(run, capsys):
+    """The digits FD does not apply to a latent model: without --metric it is one line asking for fid / fd_dinov2
+    (tests/eval/test_stream.py scores a latent model's decoded samples)."""
     line = _one_line_exit(capsys, eval_cli.main, ["--ckpt", run["ckpt"]])
-    assert line == (f"error: {run['ckpt']} is a latent model (VAE latents of lat); this FD scores digits checkpoints "
-                    "only (use python -m scm_graph.sample for images)")
+    assert line == f"error: {run['ckpt']} is not a digits model: pass --metric fid and/or fd_dinov2 with --ref FILE"
+    line = _one_line_exit(capsys, eval_cli.main, ["--ckpt", run["ckpt"], "--metric", "fd_digits"])
+    assert line.startswith("error: fd_digits scores the 8x8 digits only")
