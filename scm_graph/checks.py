@@ -92,6 +92,8 @@ def _type_problem(v: Any, tp: Any) -> str | None:
             elems = list(args)
         for x, t in zip(v, elems):
             if _type_problem(x, t):
+                if typing.get_origin(t) is Literal:
+                    return f"must hold only {', '.join(map(str, typing.get_args(t)))}"
                 return "must hold finite numbers" if t is float else f"must hold {getattr(t, '__name__', t)} values"
         return None
     if origin in (typing.Union, types.UnionType):

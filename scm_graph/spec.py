@@ -233,9 +233,19 @@ class TrainSpec:
     ckpt_every_images: Annotated[int, NON_NEGATIVE] = 5_120_000
     """Images between checkpoints (one is always written at the end)."""
     eval_every_images: Annotated[int, NON_NEGATIVE] = 0
-    """Images between FD evaluations of 1- and 2-step samples (digits only); 0 = only at the end."""
+    """Images between evaluations (1- and 2-step samples; 32-step Heun for diffusion) of the EMA; 0 = only at the end."""
     eval_samples: Annotated[int, Check(ge=2)] = 1797
-    """Samples per FD evaluation."""
+    """Samples per evaluation (the budget: the papers use 50000 for FID)."""
+    eval_metrics: tuple[Literal["fd_digits", "fid", "fd_dinov2"], ...] = ()
+    """Metrics of each evaluation; empty = fd_digits for the 8x8 digits, none otherwise. fid / fd_dinov2 need train.eval_ref."""
+    eval_ref: str = ""
+    """Reference statistics (.npz from `python -m scm_graph.eval ref`, or clean-fid's for fid)."""
+    eval_inception: str = ""
+    """Folder holding clean-fid's inception-2015-12-05.pt (fid); empty = clean-fid's /tmp."""
+    eval_dinov2: str = ""
+    """A local clone of facebookresearch/dinov2 holding dinov2_vitl14_pretrain.pth (fd_dinov2)."""
+    keep_best: str = ""
+    """An eval key (fid_2step, fd_1step, fd_dinov2_heun32, ...): keep the checkpoint with its lowest value as best.safetensors; empty = none."""
     time_limit_s: Annotated[float, NON_NEGATIVE] = 0.0
     """Stop (and checkpoint) after this many seconds of training; 0 = no limit."""
     keep_last: Annotated[int, AT_LEAST_1] = 1

@@ -199,6 +199,8 @@ def _valid_value(leaf: Leaf) -> st.SearchStrategy:
         return st.from_regex(patterns[0], fullmatch=True) if patterns else st.text()
     args = typing.get_args(tp)
     nonempty = any(c.nonempty for c in leaf.checks)
+    if len(args) == 2 and args[1] is Ellipsis and typing.get_origin(args[0]) is Literal:  # distinct choices
+        return st.lists(st.sampled_from(typing.get_args(args[0])), min_size=int(nonempty), max_size=3, unique=True).map(tuple)
     if len(args) == 2 and args[1] is Ellipsis:
         return st.lists(_valid_number(args[0], b), min_size=int(nonempty), max_size=4).map(tuple)
     return st.tuples(*(_valid_number(a, b) for a in args))
@@ -209,7 +211,7 @@ def _cli_words(leaf: Leaf, value: Any) -> list[str]:
     if isinstance(value, bool):
         return [f"--{leaf.name}", next(w for w, v in BOOL_FLAG_VALUES.items() if v is value)]
     if isinstance(value, tuple):
-        return [f"--{leaf.name}", *map(repr, value)]
+        return [f"--{leaf.name}", *(v if isinstance(v, str) else repr(v) for v in value)]
     if isinstance(value, str):
         return [f"--{leaf.name}={value}"]
     return [f"--{leaf.name}", repr(value)]

@@ -25,7 +25,7 @@ from scm_graph.spec import Spec, spec_from_json, validate
 from scm_graph.specfile import apply_overrides, read_spec_file
 from scm_graph.train import parallel
 from scm_graph.train.distill import check_teacher
-from scm_graph.train.loop import CKPT, train
+from scm_graph.train.loop import CKPT, is_eval_key, train
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,6 @@ def run(argv: list[str], main: bool = True) -> None:
     spec, out = a.spec, a.out
     summary = train(spec, out, resume=a.resume, verify=a.verify)
     if main:
-        fds = "  ".join(f"{k} {v:.3f}" for k, v in summary.items() if k.startswith("fd_"))
+        fds = "  ".join(f"{k} {v:.3f}" for k, v in summary.items() if is_eval_key(k))
         print(f"done: {summary['images']} images in {summary['wall_s']:.0f} s -> {out / CKPT}  {fds}")
 

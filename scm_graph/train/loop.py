@@ -2,10 +2,15 @@
 
 Per step: a batch from the shards, noise and times drawn here (outside the compiled step), one
 TrainStep, the EMA. Every few images, in this order: a JSONL metrics line, an atomic checkpoint, then
-the optional work (a sample grid; for the digits the FD of 1- and 2-step samples), so a failure in the
-optional work never loses trained state; the checkpoint records what was still due and `--resume`
-finishes it. A latent run's grids are decoded by its VAE (`data.vae`), which rank 0 loads once, before
-the run folder is touched: a missing VAE stops the run at its start, not at its first grid.
+the optional work (a sample grid; the evaluation of `train.eval_metrics`, by default the digits FD of
+1- and 2-step samples), so a failure in the optional work never loses trained state; the checkpoint
+records what was still due and `--resume` finishes it. Evaluations go to metrics.jsonl and the metadata
+of later checkpoints (`eval`); with `train.keep_best` the full state whose evaluation is the lowest so far
+is also written as best.safetensors, its numbers in its metadata (`best`). Under torchrun rank 0
+evaluates on the gathered EMA. Eval weights and reference statistics are checked on every process at
+the start, so a missing file stops the run before it trains. A latent run's grids (and evaluations) are
+decoded by its VAE (`data.vae`), which rank 0 loads once, before the run folder is touched: a missing
+VAE stops the run at its start, not at its first grid.
 `--resume` continues the run folder's checkpoint and reproduces the uninterrupted run exactly: the data
 stream, noise generator, dropout keys, optimiser, fp16 loss scaler and EMA all continue from the saved
 state. The run folder's layout and housekeeping live in `scm_graph.train.rundir`.
@@ -29,10 +34,17 @@ from pathlib import Path
 import torch
 
 from scm_graph import trigflow
-from scm_graph.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from scm_graph.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    read_metadata,
+    save_checkpoint,
+)
 from scm_graph.data.stream import Batch, batches
 from scm_graph.data.vae import Vae
 from scm_graph.errors import UserError
+from scm_graph.eval.evaluator import Metrics
+from scm_graph.eval.features import COLUMN, FeatureWeights
 from scm_graph.model import (
     ZERO_INIT_EXTRAS,
     TrigFlowModel,
@@ -42,7 +54,13 @@ from scm_graph.model import (
 )
 from scm_graph.objectives import StepInputs
 from scm_graph.progress import Progress
-from scm_graph.sample.generate import Generator, decoder_folder, generate, load_decoder, to_images
+from scm_graph.sample.generate import (
+    Generator,
+    decoder_folder,
+    generate,
+    load_decoder,
+    to_images,
+)
 from scm_graph.sample.grid import save_grid
 from scm_graph.spec import Spec, distils_guidance, spec_from_json, spec_to_json
 from scm_graph.train import parallel
@@ -65,6 +83,7 @@ NONFINITE_PATIENCE = 10  # consecutive steps without an update (non-finite) befo
 # Fields a resumed run may change; everything else must match the checkpoint's spec.
 RESUMABLE = {"train.total_images", "train.time_limit_s", "train.log_every_images", "train.sample_every_images", "train.grid_samples",
              "train.ckpt_every_images", "train.eval_every_images", "train.eval_samples", "train.compile",
+             "train.eval_metrics", "train.eval_ref", "train.eval_inception", "train.eval_dinov2", "train.keep_best",
              "train.device", "train.precision", "train.out", "train.keep_last", "train.progress", "train.progress_every_s",
              "data.workers", "data.root", "data.vae",
              "train.accum", "train.parallel", "train.dist_timeout_s"}  # the global batch stays; only its split changes
@@ -104,15 +123,57 @@ def is_digits(spec: Spec) -> bool:
     return (spec.data.channels, spec.data.resolution) == (1, 8)
 
 
-def evaluate_fd(g: Generator, n: int, seed: int = 0) -> dict[str, float]:
-    """Digits FD of 1- and 2-step samples (consistency) or 32-step Heun (diffusion), via scm_graph.eval."""
+BEST = "best.safetensors"  # train.keep_best: the checkpoint with the lowest value of that eval key so far
+
+
+def eval_metrics(spec: Spec) -> tuple[str, ...]:
+    """The metrics each evaluation computes: train.eval_metrics, else the digits FD for the 8x8 digits."""
+    return spec.train.eval_metrics or (("fd_digits",) if is_digits(spec) else ())
+
+
+def eval_keys(spec: Spec) -> list[str]:
+    """The metrics.jsonl keys an evaluation writes: fd_1step, fd_2step, fid_1step, ... (fd_heun32, ... for diffusion)."""
+    tags = ["heun32"] if spec.objective.kind == "diffusion" else ["1step", "2step"]
+    return [f"{COLUMN[m]}_{tag}" for m in eval_metrics(spec) for tag in tags]
+
+
+def is_eval_key(key: str) -> bool:
+    return key.startswith(tuple(f"{c}_" for c in COLUMN.values()))
+
+
+def check_eval(spec: Spec) -> None:
+    """Cheap, on every process before training: the eval metrics fit the data, their weights and reference
+    statistics are there, and train.keep_best names one of the run's eval keys (one-line UserError)."""
+    from scm_graph.eval.refs import load_refs
+    from scm_graph.eval.registry import check_weights
+
+    t, metrics = spec.train, eval_metrics(spec)
+    if "fd_digits" in metrics and not is_digits(spec):
+        raise UserError("train.eval_metrics: fd_digits scores the 8x8 digits only; use fid or fd_dinov2")
+    others = [m for m in metrics if m != "fd_digits"]
+    if others and not t.eval_ref:
+        raise UserError(f"train.eval_metrics {' '.join(others)} need reference statistics: set train.eval_ref "
+                        "(python -m scm_graph.eval ref --shards DIR --out FILE makes them)")
+    check_weights(metrics, FeatureWeights(t.eval_inception, t.eval_dinov2), ("--train.eval_inception", "--train.eval_dinov2"))
+    if others:
+        load_refs(t.eval_ref, others)
+    if t.keep_best and t.keep_best not in eval_keys(spec):
+        keys = ", ".join(eval_keys(spec)) or "none: it evaluates nothing"
+        raise UserError(f"train.keep_best {t.keep_best!r} is not an eval key of this run (its keys: {keys})")
+
+
+def evaluate_metrics(g: Generator, metrics: Metrics, n: int, seed: int = 0) -> dict[str, float]:
+    """The eval metrics of 1- and 2-step samples (consistency) or 32-step Heun (diffusion), by this process alone."""
     from scm_graph.eval.evaluator import (
-        evaluate,  # loads the digits classifier: only when a run evaluates
+        evaluate,  # loads no feature network: Metrics holds them
     )
+    from scm_graph.eval.stream import Split
 
     if g.is_consistency:
-        return {f"fd_{r.steps}step": r.fd for r in evaluate(g, [1, 2], n, seed=seed)}
-    return {f"fd_heun{r.steps}": r.fd for r in evaluate(g, [32], n, solver="heun", seed=seed)}
+        rows = evaluate(g, [1, 2], n, seed=seed, metrics=metrics, split=Split())
+    else:
+        rows = evaluate(g, [32], n, solver="heun", seed=seed, metrics=metrics, split=Split())
+    return {k: v for r in rows for k, v in r.log_keys().items()}
 
 
 class Run:
@@ -143,6 +204,8 @@ class Run:
         self.step = self.images = 0
         self.wall = 0.0
         self.saved_meta: dict = {}  # the resumed checkpoint's meta (what it had still to do, its last metrics)
+        self.last_eval: dict = {}  # the newest evaluation ({"images": ..., key: value}), in every checkpoint's metadata
+        self.metrics: Metrics | None = None  # the eval metrics' feature networks and references, built at the first evaluation
         self.saved_images = -1  # the count of the newest checkpoint on disk
         if resume:
             self._load(out / CKPT)
@@ -188,6 +251,7 @@ class Run:
         torch.set_rng_state(ckpt.rng[own] if own in ckpt.rng else ckpt.rng["torch_cpu"])
         self.step, self.images, self.wall = ckpt.step, ckpt.images, float(ckpt.meta.get("wall_s", 0.0))
         self.saved_meta, self.saved_images = ckpt.meta, ckpt.images
+        self.last_eval = dict(ckpt.meta.get("eval", {}))
         if self.world.main:
             truncate_metrics(self.out / METRICS, self.images)
 
@@ -197,9 +261,9 @@ class Run:
         ok = torch.stack([torch.isfinite(parallel.shard(w)).all() for w in weights]).all().long()
         return bool(parallel.all_reduce(ok, "min", self.world))
 
-    def save(self, extra: dict | None = None) -> None:
-        """An atomic checkpoint of the full state; under torchrun gathered onto rank 0, which writes it, and no
-        process goes on before it is on disk."""
+    def save(self, extra: dict | None = None, name: str = CKPT) -> None:
+        """An atomic checkpoint of the full state (as `name` in the run folder); under torchrun gathered onto
+        rank 0, which writes it, and no process goes on before it is on disk."""
         if not self._finite():  # never a NaN checkpoint
             kept = f"the last checkpoint {self.out / CKPT} is kept" if (self.out / CKPT).exists() else "no checkpoint was written"
             raise UserError(f"the weights are not finite at step {self.step} (images {self.images}); {kept}")
@@ -224,12 +288,14 @@ class Run:
                 optim=optim,
                 rng=rng,
                 scaler=self.step_fn.scaler.state_dict() if self.step_fn.scaler.is_enabled() else None,
-                meta={"objective": self.spec.objective.kind, "wall_s": self.wall, **(extra or {})},
+                meta={"objective": self.spec.objective.kind, "wall_s": self.wall, "eval": self.last_eval, **(extra or {})},
             )
-            save_checkpoint(self.out / CKPT, ckpt)
-            keep_copy(self.out, self.images, self.spec.train.keep_last)
+            save_checkpoint(self.out / name, ckpt)
+            if name == CKPT:
+                keep_copy(self.out, self.images, self.spec.train.keep_last)
         parallel.barrier(w)  # every process knows the checkpoint is on disk
-        self.saved_images = self.images
+        if name == CKPT:
+            self.saved_images = self.images
 
     def generator(self, ema: dict[str, torch.Tensor] | None = None) -> Generator:
         with torch.random.fork_rng(devices=[]):  # building a model must not move the global RNG
@@ -254,21 +320,41 @@ class Run:
         return self.grid_path()
 
     def evaluate(self, ema: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
-        """FD of the EMA's samples, logged as an 'eval' event."""
-        fd = evaluate_fd(self.generator(ema), self.spec.train.eval_samples)
-        self.log({"event": "eval", "images": self.images, **fd})
-        return fd
+        """The eval metrics of the EMA's samples (rank 0; not yet logged)."""
+        g = self.generator(ema)
+        if self.metrics is None:
+            from scm_graph.eval.evaluator import build_metrics
+            from scm_graph.eval.refs import load_refs
+
+            t, metrics = self.spec.train, eval_metrics(self.spec)
+            others = [m for m in metrics if m != "fd_digits"]
+            refs = load_refs(t.eval_ref, others) if others else {}
+            self.metrics = build_metrics(g, metrics, refs, FeatureWeights(t.eval_inception, t.eval_dinov2))
+        g.vae = self.vae  # latent runs: samples are decoded before featurising, by the VAE the grids use
+        values = evaluate_metrics(g, self.metrics, self.spec.train.eval_samples)
+        self.vae = g.vae
+        return values
+
+    def best_value(self) -> float:
+        """train.keep_best's value in best.safetensors (inf when there is none yet)."""
+        path = self.out / BEST
+        if not path.is_file():
+            return math.inf
+        best = json.loads(read_metadata(path).get("meta", "{}")).get("best", {})
+        return float(best["value"]) if best.get("key") == self.spec.train.keep_best else math.inf
 
     def optional_work(self, grid: bool, evaluate: bool, last: dict) -> None:
         """The grid and the evaluation due at this count, after the checkpoint that holds the trained state.
 
         Idempotent (a grid on disk or an eval in the log at this count is not redone), so a resumed run
         finishes what a killed one had still to do; the global RNG is left as the checkpoint saved it.
-        Under torchrun rank 0 does the work on the gathered EMA while the others wait for it.
+        Under torchrun rank 0 does the work on the gathered EMA while the others wait for it; a new best
+        (train.keep_best) is written before the eval is logged, so a run killed in between redoes both.
         """
         if not (grid or evaluate):
             return
         ema = parallel.full_weights(self.ema.params, self.world) if self.world.launched else None
+        values, improved = None, False
         try:
             if self.world.main:
                 with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
@@ -276,12 +362,27 @@ class Run:
                         self.grid(ema)
                     if evaluate:
                         done = [r for r in read_records(self.out / METRICS) if r.get("event") == "eval" and r["images"] == self.images]
-                        last.update({k: v for k, v in done[-1].items() if k.startswith("fd_")} if done else self.evaluate(ema))
+                        if done:
+                            self.last_eval = {k: v for k, v in done[-1].items() if k != "event"}
+                            last.update({k: v for k, v in done[-1].items() if is_eval_key(k)})
+                        else:
+                            values = self.evaluate(ema)
+                            key = self.spec.train.keep_best
+                            improved = bool(key) and values[key] < self.best_value()
         except UserError as e:
             if self.saved_images == self.images:
                 raise UserError(f"{e} (the trained state at {self.images} images is saved in {self.out / CKPT}; "
                                 "--resume finishes this work)") from None
             raise
+        if values is not None:
+            self.last_eval = {"images": self.images, **values}
+            last.update(values)
+        if evaluate and self.spec.train.keep_best and parallel.same_everywhere(improved, self.world):
+            key = self.spec.train.keep_best
+            self.save({"last": last, "best": {"key": key, "value": values[key] if values else None, "images": self.images}},
+                      name=BEST)
+        if values is not None:
+            self.log({"event": "eval", **self.last_eval})
         parallel.barrier(self.world)
 
 
@@ -324,6 +425,7 @@ def train(spec: Spec, out: Path, resume: bool = False, progress: bool = True, ve
     world, device = parallel.join(t.device, t.dist_timeout_s)
     local_batch = parallel.check_batch(t.batch, t.accum, world) * t.accum  # this process's share of a step
     decoder_folder(spec, flag="--data.vae")  # every process: a missing VAE is one line from each, not a lost rank 0
+    check_eval(spec)  # every process: missing eval weights or references stop the run before it trains
     vae = load_decoder(spec, device, flag="--data.vae") if world.main else None  # latent runs: grids decode through it
     if world.main:
         for note in prepare(out, resume):
@@ -386,13 +488,13 @@ def train(spec: Spec, out: Path, resume: bool = False, progress: bool = True, ve
             else:
                 bar.update(run.images)
             grid = _every(before, run.images, t.sample_every_images) or done
-            evaluate = is_digits(spec) and (_every(before, run.images, t.eval_every_images) or done)
+            evaluate = bool(eval_metrics(spec)) and (_every(before, run.images, t.eval_every_images) or done)
             if _every(before, run.images, t.ckpt_every_images) or done:
                 run.save({"last": last, "due": {"grid": grid, "eval": evaluate}, "meter": meter.state()})  # the trained state first
             run.optional_work(grid, evaluate, last)
             if stop:
                 break
     summary = {"event": "end", "images": run.images, "step": run.step, "wall_s": round(run.wall, 2),
-               **{k: v for k, v in last.items() if k.startswith("fd_") or k == "loss"}}
+               **{k: v for k, v in last.items() if is_eval_key(k) or k == "loss"}}
     run.log(summary)
     return summary

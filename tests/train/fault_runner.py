@@ -21,7 +21,7 @@ MOMENT is `none` (run to the end) or `POINT:N`, the N-th hit (1-based, counted i
 The hooks monkeypatch the already-imported package (no sleeping, no timing): `TrainStep.__call__`,
 `Run.log`, `safetensors.torch.save_file` and `os.replace` as scm_graph.checkpoint calls them (only for
 the temp file / destination of `ckpt.safetensors`, so the digits classifier's cache is never hit),
-`scm_graph.train.loop.save_grid` and `scm_graph.train.loop.evaluate_fd`. Only the hook of the chosen point
+`scm_graph.train.loop.save_grid` and `scm_graph.train.loop.evaluate_metrics`. Only the hook of the chosen point
 is installed. Right before the kill one line `fault_runner: SIGKILL at POINT:N (...)` goes to stderr;
 the exit status is then -9. A moment that is never reached lets the run finish normally (exit 0).
 
@@ -158,15 +158,15 @@ def install(point: str, n: int) -> None:
         loop.save_grid = grid_hook
 
     elif point == "eval":
-        evaluate_fd = loop.evaluate_fd
+        evaluate_metrics = loop.evaluate_metrics
 
         def eval_hook(*args, **kwargs):
-            fd = evaluate_fd(*args, **kwargs)
+            fd = evaluate_metrics(*args, **kwargs)
             if hit():
                 _die(point, n, "FD computed, not logged")
             return fd
 
-        loop.evaluate_fd = eval_hook
+        loop.evaluate_metrics = eval_hook
 
     else:  # pragma: no cover - POINTS and the branches above go together
         raise AssertionError(point)

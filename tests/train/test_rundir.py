@@ -32,12 +32,12 @@ def _dead_pid() -> int:
 def test_failing_final_evaluation_keeps_the_trained_state_and_resume_finishes_it(tmp_path: Path, shard_root: Path,
                                                                                   monkeypatch, capsys):
     run = tmp_path / "run"
-    real = tr.evaluate_fd
+    real = tr.evaluate_metrics
 
     def broken(*a, **k):
         raise UserError("need at least 2 images")
 
-    monkeypatch.setattr(tr, "evaluate_fd", broken)
+    monkeypatch.setattr(tr, "evaluate_metrics", broken)
     with pytest.raises(SystemExit) as e:
         train_main("digits_sct.py", *tiny_args(shard_root, run, 32))
     assert e.value.code == 2
@@ -49,7 +49,7 @@ def test_failing_final_evaluation_keeps_the_trained_state_and_resume_finishes_it
     assert (run / "grids" / f"grid-{32:012d}.png").exists()  # the grid came before the evaluation
     assert not [r for r in read_metrics(run) if r.get("event") in ("eval", "end")]
 
-    monkeypatch.setattr(tr, "evaluate_fd", real)
+    monkeypatch.setattr(tr, "evaluate_metrics", real)
     train_main("digits_sct.py", *tiny_args(shard_root, run, 32), "--resume")
     recs = read_metrics(run)
     evals = [r for r in recs if r.get("event") == "eval"]
