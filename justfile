@@ -24,6 +24,10 @@ bench what *args:
 test *args:
     python -m pytest -q {{args}}
 
+# The tests against the real clean-fid library (an environment with clean-fid and torchvision: pip install -e ".[test,fid]")
+test-cleanfid *args:
+    python -m pytest -q -m cleanfid tests/eval/test_cleanfid.py {{args}}
+
 # The README's default run: digits shards (once), sCT training, FD of 1- and 2-step samples
 digits:
     [ -f shards/digits/manifest.json ] || python -m scm_graph.shard digits
