@@ -44,8 +44,8 @@ RANKS = {  # longest matching prefix wins
 FORBIDDEN = [
     ("scm_graph.spec", "scm_graph.nets"), ("scm_graph.data", "scm_graph.train"), ("scm_graph.nets", "scm_graph.objectives"),
     ("scm_graph.sample", "scm_graph.objectives"), ("scm_graph.sample", "scm_graph.train"),
-    ("scm_graph.eval", "scm_graph.objectives"), ("scm_graph.eval", "scm_graph.train.loop"), ("scm_graph.eval", "scm_graph.train.step"),
-    ("scm_graph.eval", "scm_graph.train.cli"),
+    ("scm_graph.eval", "scm_graph.objectives"),
+    *[("scm_graph.eval", f"scm_graph.train.{m}") for m in ("loop", "step", "cli", "ema", "meter", "rundir", "distill")],  # train.parallel only
     ("scm_graph.checkpoint", "scm_graph.objectives"), ("scm_graph.checkpoint", "scm_graph.train"),
 ]
 

@@ -14,11 +14,12 @@ import json
 from pathlib import Path
 
 from scm_graph.errors import ArgumentParser, UserError, cli_main
-from scm_graph.eval.evaluator import build_metrics, evaluate, is_digits_spec
+from scm_graph.eval.evaluator import evaluate, is_digits, load_metrics
 from scm_graph.eval.features import METRICS, FeatureWeights
-from scm_graph.eval.refs import load_refs, save_refs
+from scm_graph.eval.refs import save_refs
 from scm_graph.eval.registry import check_weights, feature_net
 from scm_graph.eval.stream import Split, featurize, real_images
+from scm_graph.paths import output_file
 from scm_graph.sample.generate import check_guidance, load_decoder, load_generator
 from scm_graph.train import parallel
 
@@ -77,21 +78,18 @@ def main(argv: list[str] | None = None) -> None:
     world, device = parallel.join(a.device, 600.0)
     try:
         g = load_generator(a.ckpt, ema=not a.raw, device=str(device), verify=not a.ignore_checksum)
-        metrics = a.metric or (["fd_digits"] if is_digits_spec(g) else [])
+        metrics = a.metric or (["fd_digits"] if is_digits(g.spec) else [])
         if not metrics:
             raise UserError(f"{a.ckpt} is not a digits model: pass --metric fid and/or fd_dinov2 with --ref FILE")
         if a.floor and "fd_digits" not in metrics:
             raise UserError("--floor is the digits FD's floor; add --metric fd_digits")
         check_guidance(g, a.guidance)
         check_weights(metrics, weights)
-        need = [m for m in metrics if m != "fd_digits"]
-        if need and not a.ref:  # load_refs("") would look for "." and suggest --out .
-            raise UserError(f"{need[0]} needs reference statistics: pass --ref FILE (make one with python -m scm_graph.eval ref)")
-        refs = load_refs(a.ref, need) if need else {}
+        loaded = load_metrics(g.spec, device, metrics, a.ref, weights)
         g.vae = load_decoder(g.spec, device, a.vae or None)  # latent models: decode before featurising
-        n = a.n or (1797 if is_digits_spec(g) else FULL_N)
-        rows = evaluate(g, a.steps, n, a.solver, a.seed, a.guidance, build_metrics(g, metrics, refs, weights),
-                        a.batch, "auto" if world.main and not a.json else "off")
+        n = a.n or (1797 if is_digits(g.spec) else FULL_N)
+        rows = evaluate(g, a.steps, n, a.solver, a.seed, a.guidance, loaded, a.batch,
+                        "auto" if world.main and not a.json else "off")
     finally:
         parallel.leave()
     if not world.main:
@@ -132,10 +130,10 @@ def ref_main(argv: list[str]) -> None:
     p.add_argument("--force", action="store_true", help="overwrite --out")
     _weights_args(p)
     a = p.parse_args(argv)
-    _check_positive(batch=a.batch, n=a.n)
-    out = Path(a.out)
-    if out.suffix != ".npz":
-        raise UserError(f"--out must end in .npz, not {out.name}")
+    _check_positive(batch=a.batch)
+    if a.n is not None and a.n < 2:
+        raise UserError(f"--n must be at least 2, not {a.n}")
+    out = output_file(a.out, (".npz",), "--out")
     if out.exists() and not a.force:
         raise UserError(f"{out} exists; pass --force to overwrite it")
     weights = FeatureWeights(a.inception, a.dinov2)
@@ -156,8 +154,7 @@ def ref_main(argv: list[str]) -> None:
         split = Split.current()
         nets = [feature_net(metric, weights, device) for metric in a.metric]
         images = real_images(read_all(DataSpec(name=folder.name, root=str(folder.parent))), shape, n, a.batch, split)
-        mine = sum(min(a.batch, n - c * a.batch) for c in range(split.rank, (n + a.batch - 1) // a.batch, split.size))
-        moments = featurize(images, nets, mine, f"ref {folder.name}", "auto" if world.main else "off")
+        moments = featurize(images, nets, split.share(n, a.batch), f"ref {folder.name}", "auto" if world.main else "off")
         stats = {metric: mo.all_reduce().stats() for metric, mo in moments.items()}
     finally:
         parallel.leave()

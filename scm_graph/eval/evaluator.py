@@ -12,13 +12,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from scm_graph.errors import UserError
 from scm_graph.eval.features import COLUMN, FeatureNet, FeatureWeights, check_metrics
 from scm_graph.eval.frechet import FeatureStats, frechet_distance
+from scm_graph.eval.refs import load_refs
 from scm_graph.eval.registry import feature_net
 from scm_graph.eval.stream import SampleSpec, Split, featurize, sample_images
 from scm_graph.sample.generate import Generator
 from scm_graph.sample.samplers import nfe
+from scm_graph.spec import Spec
 
 
 @dataclass
@@ -55,28 +59,35 @@ class Metrics:
     refs: dict[str, FeatureStats] = field(default_factory=dict)
 
 
-def is_digits_spec(g: Generator) -> bool:
-    return (g.spec.data.channels, g.spec.data.resolution) == (1, 8)
+def is_digits(spec: Spec) -> bool:
+    """Whether the model makes the 8x8 grey digits (the fd_digits metric's data)."""
+    return (spec.data.channels, spec.data.resolution) == (1, 8)
 
 
-def build_metrics(g: Generator, metrics: list[str] | tuple[str, ...], refs: dict[str, FeatureStats] | None = None,
-                  weights: FeatureWeights | None = None) -> Metrics:
-    """Feature networks on the generator's device, and each metric's reference (the real digits for fd_digits)."""
+def load_metrics(spec: Spec, device: torch.device | str, metrics: list[str] | tuple[str, ...], ref: str = "",
+                 weights: FeatureWeights | None = None, ref_flag: str = "--ref") -> Metrics:
+    """The metrics' feature networks on `device` and their references: the real digits for fd_digits, the
+    file `ref` for the others. Everything that can fail before sampling fails here, as one line: unknown or
+    repeated metrics, fd_digits on other data, a missing or unfitting reference, weights that do not load."""
     check_metrics(metrics)
     if not metrics:
         raise UserError("no metric to compute")
-    refs = dict(refs or {})
+    refs: dict[str, FeatureStats] = {}
     if "fd_digits" in metrics:
-        if not is_digits_spec(g):
-            raise UserError(f"fd_digits scores the 8x8 digits only; this model makes {g.spec.data.channels}x"
-                            f"{g.spec.data.resolution}x{g.spec.data.resolution} samples (use fid or fd_dinov2)")
+        if not is_digits(spec):
+            d = spec.data
+            raise UserError(f"fd_digits scores the 8x8 digits only; this model makes {d.channels}x{d.resolution}x"
+                            f"{d.resolution} samples (use fid or fd_dinov2)")
         from scm_graph.eval.digits import real_digits_stats
 
         refs["fd_digits"] = real_digits_stats()
-    missing = [m for m in metrics if m not in refs]
-    if missing:
-        raise UserError(f"{missing[0]} needs reference statistics (--ref FILE; make one with python -m scm_graph.eval ref)")
-    nets = [feature_net(m, weights, g.device) for m in metrics]
+    need = [m for m in metrics if m != "fd_digits"]
+    if need and not ref:
+        raise UserError(f"{need[0]} needs reference statistics: pass {ref_flag} FILE (make one with python -m scm_graph.eval ref)")
+    if ref and not need:
+        raise UserError(f"{ref_flag} {ref} is for fid / fd_dinov2; fd_digits uses the built-in real digits")
+    refs.update(load_refs(ref, need) if need else {})
+    nets = [feature_net(m, weights, device) for m in metrics]
     for net in nets:  # before sampling: a mismatch would otherwise surface only after all n samples
         if refs[net.metric].mu.shape[0] != net.dim:
             raise UserError(f"the {net.metric} reference statistics hold {refs[net.metric].mu.shape[0]} features, but its "
@@ -89,17 +100,14 @@ def evaluate(g: Generator, steps: list[int], n: int = 1797, solver: str = "heun"
     """One row per step count: every metric of `metrics` (default: the digits FD) of n samples. `split`: this
     process's share (default: the torchrun job's ranks, whose moments are then summed over the job)."""
     if metrics is None:
-        if not is_digits_spec(g):
-            raise UserError("the default metric, fd_digits, scores the 8x8 digits only; pass fid or fd_dinov2 metrics")
-        metrics = build_metrics(g, ["fd_digits"])
+        metrics = load_metrics(g.spec, g.device, ["fd_digits"])
     split = split or Split.current()
     rows = []
     for s in steps:
         t0 = time.perf_counter()
         spec = SampleSpec(n, s, solver, seed, guidance, batch)
-        mine = sum(min(batch, n - c * batch) for c in range(split.rank, (n + batch - 1) // batch, split.size))
         sampler = "consistency" if g.is_consistency else solver
-        moments = featurize(sample_images(g, spec, split), metrics.nets, mine, f"{sampler} {s}", progress)
+        moments = featurize(sample_images(g, spec, split), metrics.nets, split.share(n, batch), f"{sampler} {s}", progress)
         merged = {m: mo.all_reduce() if split.size > 1 else mo for m, mo in moments.items()}
         values = {COLUMN[m]: frechet_distance(mo.stats(), metrics.refs[m]) for m, mo in merged.items()}
         rows.append(EvalRow(sampler, s, nfe(g.is_consistency, s, solver), values, n, time.perf_counter() - t0, guidance))

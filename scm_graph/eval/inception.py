@@ -44,7 +44,7 @@ def _cleanfid():
         from cleanfid.inception_torchscript import InceptionV3W
         from cleanfid.resize import build_resizer
     except ImportError as e:
-        raise UserError(f"FID needs clean-fid ({e.name} did not import): pip install clean-fid (it brings torchvision)") from None
+        raise UserError(f"FID needs clean-fid ({e.name} did not import): pip install clean-fid (scm_graph's 'fid' extra; it brings torchvision)") from None
     return InceptionV3W, build_resizer
 
 

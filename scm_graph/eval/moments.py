@@ -1,7 +1,9 @@
 """Streaming Gaussian moments of features: float64 sums that batches add to and processes merge.
 
 n, s = sum_i f_i and S = sum_i f_i f_i^T are exact sums, so the order batches arrive in (or which process
-saw them) changes the result only by float64 rounding; torchrun ranks all-reduce the three sums.
+saw them) changes the result only by float64 rounding; torchrun ranks all-reduce the three sums. The
+raw-sum covariance loses digits when the features' mean is far larger than their spread (1e5 : 1 costs
+about 10 of float64's 16 digits); network features are nowhere near that.
 """
 
 from __future__ import annotations

@@ -8,32 +8,23 @@ statistics were computed from). clean-fid's published files (e.g. `cifar10_clean
 
 from __future__ import annotations
 
-import os
-import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from scm_graph.errors import UserError
 from scm_graph.eval.frechet import FeatureStats
+from scm_graph.paths import write_atomic
 
 
 def save_refs(path: str | Path, stats: dict[str, FeatureStats], source: str) -> None:
-    """Write `stats` to `path` atomically (a temp file in the same folder, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `stats` to `path` whole or not at all (scm_graph.paths.write_atomic)."""
     arrays: dict[str, np.ndarray] = {"source": np.array(source)}
     for metric, s in stats.items():
         arrays.update({f"{metric}_mu": s.mu, f"{metric}_sigma": s.sigma, f"{metric}_n": np.array(s.n)})
-    handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp.npz", dir=path.parent)
-    os.close(handle)
-    try:
-        np.savez(tmp, **arrays)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def load_refs(path: str | Path, metrics: list[str] | tuple[str, ...]) -> dict[str, FeatureStats]:
@@ -41,6 +32,8 @@ def load_refs(path: str | Path, metrics: list[str] | tuple[str, ...]) -> dict[st
     path = Path(path)
     if not path.is_file():
         raise UserError(f"reference statistics {path} not found (make them with: python -m scm_graph.eval ref --shards DIR --out {path})")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"reference statistics {path} are not a .npz file")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}

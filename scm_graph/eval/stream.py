@@ -31,6 +31,10 @@ class Split:
     rank: int = 0
     size: int = 1
 
+    def share(self, n: int, batch: int) -> int:
+        """How many of n items, taken `batch` at a time, this process gets (batches c = rank, rank + size, ...)."""
+        return sum(min(batch, n - c * batch) for c in range(self.rank, (n + batch - 1) // batch, self.size))  # sum of its batch sizes
+
     @staticmethod
     def current() -> Split:
         import torch.distributed as dist
@@ -58,7 +62,7 @@ def sample_images(g: Generator, s: SampleSpec, split: Split = Split()) -> Iterat
     for c in range(split.rank, chunks, split.size):
         start = c * s.batch
         b = min(s.batch, s.n - start)
-        labels = torch.arange(start, start + b) % g.spec.data.num_classes if g.spec.net.class_conditional else None
+        labels = torch.arange(start, start + b) % g.spec.data.num_classes if g.spec.net.class_conditional else None  # label(i) = i mod classes
         x = generate(g, b, steps=s.steps, solver=s.solver, seed=s.seed, batch=b, labels=labels, guidance=s.guidance,
                      sample_ids=torch.arange(start, start + b))
         yield to_images(g, x)

@@ -2,7 +2,7 @@
 
 metrics.jsonl holds one JSON object per line (scm_graph.train.loop): metrics lines (images, step, loss, grad_norm,
 mse, tangent_norm, w_min, w_max, mse_by_t, r, lr, img_per_s, wall_s, nonfinite, skipped) and events ("start" with
-the spec, "eval" with fd_* numbers, "end"). A last line torn by a killed run is skipped, as the loop skips it
+the spec, "eval" with the eval numbers: fd_*, fid_*, fd_dinov2_*, "end"). A last line torn by a killed run is skipped, as the loop skips it
 (and a resume rewrites the file without it); a bad line anywhere else means the file is not a metrics log.
 The file names are the run folder's (scm_graph.train.rundir); they are spelled here so the report stays torch-free.
 """

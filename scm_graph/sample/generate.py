@@ -97,6 +97,8 @@ def generate(
     seed): sample j then depends on (seed, sample_ids[j]) alone, not on `batch` or the other samples."""
     d = g.spec.data
     shape = (d.channels, d.resolution, d.resolution)
+    if sample_ids is not None and len(sample_ids) != n:
+        raise ValueError(f"sample_ids holds {len(sample_ids)} ids for {n} samples")
     if g.spec.net.class_conditional and labels is None:
         labels = torch.arange(n) % d.num_classes
     if times:

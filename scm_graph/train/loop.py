@@ -6,9 +6,9 @@ the optional work (a sample grid; the evaluation of `train.eval_metrics`, by def
 1- and 2-step samples), so a failure in the optional work never loses trained state; the checkpoint
 records what was still due and `--resume` finishes it. Evaluations go to metrics.jsonl and the metadata
 of later checkpoints (`eval`); with `train.keep_best` the full state whose evaluation is the lowest so far
-is also written as best.safetensors, its numbers in its metadata (`best`). Under torchrun rank 0
-evaluates on the gathered EMA. Eval weights and reference statistics are checked on every process at
-the start, so a missing file stops the run before it trains. A latent run's grids (and evaluations) are
+is also written as best.safetensors, its numbers in its metadata (`best`). Under torchrun every process
+evaluates its share of the samples on the gathered EMA. The feature networks and reference statistics
+are loaded on every process at the start, so a missing or unfitting file stops the run before it trains. A latent run's grids (and evaluations) are
 decoded by its VAE (`data.vae`), which rank 0 loads once, before the run folder is touched: a missing
 VAE stops the run at its start, not at its first grid.
 `--resume` continues the run folder's checkpoint and reproduces the uninterrupted run exactly: the data
@@ -43,8 +43,9 @@ from scm_graph.checkpoint import (
 from scm_graph.data.stream import Batch, batches
 from scm_graph.data.vae import Vae
 from scm_graph.errors import UserError
-from scm_graph.eval.evaluator import Metrics
-from scm_graph.eval.features import COLUMN, FeatureWeights
+from scm_graph.eval import evaluator
+from scm_graph.eval.evaluator import Metrics, is_digits, load_metrics
+from scm_graph.eval.features import COLUMN, FeatureWeights, check_metrics
 from scm_graph.model import (
     ZERO_INIT_EXTRAS,
     TrigFlowModel,
@@ -69,6 +70,7 @@ from scm_graph.train.ema import EMA, ema_beta
 from scm_graph.train.meter import Meter
 from scm_graph.train.parallel import World
 from scm_graph.train.rundir import (
+    BEST,
     CKPT,
     METRICS,
     keep_copy,
@@ -119,13 +121,6 @@ def draw_inputs(b: Batch, gen: torch.Generator, spec: Spec, step: int, images: i
     return StepInputs(x0, z, t, labels, key, torch.tensor(r, dtype=torch.float32, device=device), guidance)
 
 
-def is_digits(spec: Spec) -> bool:
-    return (spec.data.channels, spec.data.resolution) == (1, 8)
-
-
-BEST = "best.safetensors"  # train.keep_best: the checkpoint with the lowest value of that eval key so far
-
-
 def eval_metrics(spec: Spec) -> tuple[str, ...]:
     """The metrics each evaluation computes: train.eval_metrics, else the digits FD for the 8x8 digits."""
     return spec.train.eval_metrics or (("fd_digits",) if is_digits(spec) else ())
@@ -141,38 +136,34 @@ def is_eval_key(key: str) -> bool:
     return key.startswith(tuple(f"{c}_" for c in COLUMN.values()))
 
 
-def check_eval(spec: Spec) -> None:
-    """Cheap, on every process before training: the eval metrics fit the data, their weights and reference
-    statistics are there, and train.keep_best names one of the run's eval keys (one-line UserError)."""
-    from scm_graph.eval.refs import load_refs
+def load_eval(spec: Spec, device: torch.device) -> Metrics | None:
+    """The run's eval metrics (feature networks on `device`, references), loaded on every process before the
+    run folder is touched, so that a missing or unfitting file is one line at the start (None: no evaluation)."""
     from scm_graph.eval.registry import check_weights
 
     t, metrics = spec.train, eval_metrics(spec)
-    if "fd_digits" in metrics and not is_digits(spec):
-        raise UserError("train.eval_metrics: fd_digits scores the 8x8 digits only; use fid or fd_dinov2")
-    others = [m for m in metrics if m != "fd_digits"]
-    if others and not t.eval_ref:
-        raise UserError(f"train.eval_metrics {' '.join(others)} need reference statistics: set train.eval_ref "
-                        "(python -m scm_graph.eval ref --shards DIR --out FILE makes them)")
-    check_weights(metrics, FeatureWeights(t.eval_inception, t.eval_dinov2), ("--train.eval_inception", "--train.eval_dinov2"))
-    if others:
-        load_refs(t.eval_ref, others)
     if t.keep_best and t.keep_best not in eval_keys(spec):
         keys = ", ".join(eval_keys(spec)) or "none: it evaluates nothing"
         raise UserError(f"train.keep_best {t.keep_best!r} is not an eval key of this run (its keys: {keys})")
+    if not metrics:
+        return None
+    weights = FeatureWeights(t.eval_inception, t.eval_dinov2)
+    check_metrics(metrics)
+    if any(m != "fd_digits" for m in metrics) and not t.eval_ref:
+        raise UserError(f"train.eval_metrics {' '.join(metrics)} need reference statistics: set train.eval_ref "
+                        "(python -m scm_graph.eval ref --shards DIR --out FILE makes them)")
+    check_weights(metrics, weights, ("--train.eval_inception", "--train.eval_dinov2"))
+    with torch.random.fork_rng(devices=[]):  # building networks must not move the global RNG
+        return load_metrics(spec, device, metrics, t.eval_ref, weights, ref_flag="train.eval_ref")
 
 
 def evaluate_metrics(g: Generator, metrics: Metrics, n: int, seed: int = 0) -> dict[str, float]:
-    """The eval metrics of 1- and 2-step samples (consistency) or 32-step Heun (diffusion), by this process alone."""
-    from scm_graph.eval.evaluator import (
-        evaluate,  # loads no feature network: Metrics holds them
-    )
-    from scm_graph.eval.stream import Split
-
+    """The eval metrics of 1- and 2-step samples (consistency) or 32-step Heun (diffusion); under torchrun each
+    process generates its share and every process gets the values."""
     if g.is_consistency:
-        rows = evaluate(g, [1, 2], n, seed=seed, metrics=metrics, split=Split())
+        rows = evaluator.evaluate(g, [1, 2], n, seed=seed, metrics=metrics)
     else:
-        rows = evaluate(g, [32], n, solver="heun", seed=seed, metrics=metrics, split=Split())
+        rows = evaluator.evaluate(g, [32], n, solver="heun", seed=seed, metrics=metrics)
     return {k: v for r in rows for k, v in r.log_keys().items()}
 
 
@@ -184,8 +175,9 @@ class Run:
     """
 
     def __init__(self, spec: Spec, out: Path, resume: bool, verify: bool = True, world: World | None = None,
-                 device: torch.device | None = None, vae: Vae | None = None):
+                 device: torch.device | None = None, vae: Vae | None = None, metrics: Metrics | None = None):
         self.spec, self.out, self.world = spec, out, world or World()
+        self.metrics = metrics  # the eval metrics' feature networks and references (load_eval; None: built at the first evaluation)
         self.vae = vae  # latent runs: decodes the grids (rank 0; loaded at the first grid if not given)
         self.device = device if device is not None else parallel.join(spec.train.device, spec.train.dist_timeout_s)[1]
         t = spec.train
@@ -205,7 +197,6 @@ class Run:
         self.wall = 0.0
         self.saved_meta: dict = {}  # the resumed checkpoint's meta (what it had still to do, its last metrics)
         self.last_eval: dict = {}  # the newest evaluation ({"images": ..., key: value}), in every checkpoint's metadata
-        self.metrics: Metrics | None = None  # the eval metrics' feature networks and references, built at the first evaluation
         self.saved_images = -1  # the count of the newest checkpoint on disk
         if resume:
             self._load(out / CKPT)
@@ -320,55 +311,63 @@ class Run:
         return self.grid_path()
 
     def evaluate(self, ema: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
-        """The eval metrics of the EMA's samples (rank 0; not yet logged)."""
-        g = self.generator(ema)
+        """The eval metrics of the EMA's samples (every process; not yet logged)."""
         if self.metrics is None:
-            from scm_graph.eval.evaluator import build_metrics
-            from scm_graph.eval.refs import load_refs
-
-            t, metrics = self.spec.train, eval_metrics(self.spec)
-            others = [m for m in metrics if m != "fd_digits"]
-            refs = load_refs(t.eval_ref, others) if others else {}
-            self.metrics = build_metrics(g, metrics, refs, FeatureWeights(t.eval_inception, t.eval_dinov2))
-        g.vae = self.vae  # latent runs: samples are decoded before featurising, by the VAE the grids use
+            self.metrics = load_eval(self.spec, self.device)
+        g = self.generator(ema)
         values = evaluate_metrics(g, self.metrics, self.spec.train.eval_samples)
-        self.vae = g.vae
+        self.vae = g.vae  # latent runs: the VAE that decoded the samples, loaded once
         return values
 
+    def best_protocol(self) -> dict:
+        """What makes two values of train.keep_best comparable: the key, the sample count and the reference."""
+        t = self.spec.train
+        return {"key": t.keep_best, "samples": t.eval_samples, "ref": t.eval_ref}
+
     def best_value(self) -> float:
-        """train.keep_best's value in best.safetensors (inf when there is none yet)."""
+        """train.keep_best's value in best.safetensors; inf when there is none, or it was measured another way,
+        or at a count beyond this run's (rank 0)."""
         path = self.out / BEST
         if not path.is_file():
             return math.inf
         best = json.loads(read_metadata(path).get("meta", "{}")).get("best", {})
-        return float(best["value"]) if best.get("key") == self.spec.train.keep_best else math.inf
+        same = all(best.get(k) == v for k, v in self.best_protocol().items()) and best.get("images", math.inf) <= self.images
+        return float(best["value"]) if same else math.inf
+
+    def logged_eval(self) -> dict | None:
+        """The evaluation metrics.jsonl holds at this count, if any (rank 0)."""
+        done = [r for r in read_records(self.out / METRICS) if r.get("event") == "eval" and r["images"] == self.images]
+        return {k: v for k, v in done[-1].items() if k != "event"} if done else None
 
     def optional_work(self, grid: bool, evaluate: bool, last: dict) -> None:
         """The grid and the evaluation due at this count, after the checkpoint that holds the trained state.
 
         Idempotent (a grid on disk or an eval in the log at this count is not redone), so a resumed run
         finishes what a killed one had still to do; the global RNG is left as the checkpoint saved it.
-        Under torchrun rank 0 does the work on the gathered EMA while the others wait for it; a new best
-        (train.keep_best) is written before the eval is logged, so a run killed in between redoes both.
+        Under torchrun rank 0 makes the grid, and every process evaluates its share of the samples on the
+        gathered EMA. A new best (train.keep_best) is written before the eval is logged, so a run killed in
+        between redoes both.
         """
         if not (grid or evaluate):
             return
-        ema = parallel.full_weights(self.ema.params, self.world) if self.world.launched else None
+        w = self.world
+        ema = parallel.full_weights(self.ema.params, w, everywhere=evaluate) if w.launched else None
         values, improved = None, False
+        devices = [self.device] if self.device.type == "cuda" else []
         try:
-            if self.world.main:
-                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                    if grid and not self.grid_path().exists():
-                        self.grid(ema)
-                    if evaluate:
-                        done = [r for r in read_records(self.out / METRICS) if r.get("event") == "eval" and r["images"] == self.images]
-                        if done:
-                            self.last_eval = {k: v for k, v in done[-1].items() if k != "event"}
-                            last.update({k: v for k, v in done[-1].items() if is_eval_key(k)})
-                        else:
-                            values = self.evaluate(ema)
-                            key = self.spec.train.keep_best
-                            improved = bool(key) and values[key] < self.best_value()
+            if w.main and grid and not self.grid_path().exists():
+                with torch.random.fork_rng(devices=devices):
+                    self.grid(ema)
+            if evaluate:
+                done = parallel.same_everywhere(self.logged_eval() if w.main else None, w)
+                if done is not None:
+                    self.last_eval = done
+                    last.update({k: v for k, v in done.items() if is_eval_key(k)})
+                else:
+                    with torch.random.fork_rng(devices=devices):
+                        values = self.evaluate(ema)
+                    key = self.spec.train.keep_best
+                    improved = bool(parallel.same_everywhere(bool(key) and w.main and values[key] < self.best_value(), w))
         except UserError as e:
             if self.saved_images == self.images:
                 raise UserError(f"{e} (the trained state at {self.images} images is saved in {self.out / CKPT}; "
@@ -377,13 +376,12 @@ class Run:
         if values is not None:
             self.last_eval = {"images": self.images, **values}
             last.update(values)
-        if evaluate and self.spec.train.keep_best and parallel.same_everywhere(improved, self.world):
+        if improved:
             key = self.spec.train.keep_best
-            self.save({"last": last, "best": {"key": key, "value": values[key] if values else None, "images": self.images}},
-                      name=BEST)
+            self.save({"last": last, "best": {**self.best_protocol(), "value": values[key], "images": self.images}}, name=BEST)
         if values is not None:
             self.log({"event": "eval", **self.last_eval})
-        parallel.barrier(self.world)
+        parallel.barrier(w)
 
 
 def check_resumable(saved: Spec, now: Spec, path: Path) -> None:
@@ -425,13 +423,13 @@ def train(spec: Spec, out: Path, resume: bool = False, progress: bool = True, ve
     world, device = parallel.join(t.device, t.dist_timeout_s)
     local_batch = parallel.check_batch(t.batch, t.accum, world) * t.accum  # this process's share of a step
     decoder_folder(spec, flag="--data.vae")  # every process: a missing VAE is one line from each, not a lost rank 0
-    check_eval(spec)  # every process: missing eval weights or references stop the run before it trains
+    metrics = load_eval(spec, device)  # every process: missing or unfitting eval files stop the run before it trains
     vae = load_decoder(spec, device, flag="--data.vae") if world.main else None  # latent runs: grids decode through it
     if world.main:
         for note in prepare(out, resume):
             print(note, file=sys.stderr, flush=True)
     parallel.barrier(world)  # the run folder is ready
-    run = Run(spec, out, resume, verify, world, device, vae)
+    run = Run(spec, out, resume, verify, world, device, vae, metrics)
     stream = batches(spec.data, spec.objective.sigma_d, local_batch, t.seed, start_images=run.images // world.size,
                      rank=world.rank, world_size=world.size)
     if not resume:

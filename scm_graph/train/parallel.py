@@ -174,15 +174,17 @@ def _is_sharded(module: nn.Module) -> bool:
     return any(hasattr(p, "full_tensor") for p in module.parameters())
 
 
-def full_weights(tensors: dict[str, Tensor], world: World) -> dict[str, Tensor] | None:
-    """Full CPU copies of (possibly sharded) tensors on rank 0, None elsewhere; one tensor gathered at a time."""
+def full_weights(tensors: dict[str, Tensor], world: World, everywhere: bool = False) -> dict[str, Tensor] | None:
+    """Full CPU copies of (possibly sharded) tensors on rank 0 (on every process with `everywhere`), None
+    elsewhere; one tensor gathered at a time."""
     out: dict[str, Tensor] = {}
+    keep = world.main or everywhere
     for k, v in tensors.items():
         full = local(v.detach())
-        if world.main:
+        if keep:
             out[k] = full.to("cpu", copy=True)
         del full
-    return out if world.main else None
+    return out if keep else None
 
 
 def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, world: World) -> dict | None:

@@ -4,6 +4,8 @@
     runs/NAME/checkpoints/ckpt-<images>.safetensors the newest train.keep_last, when keep_last > 1
     runs/NAME/metrics.jsonl                        one JSON record per line (metrics, events)
     runs/NAME/metrics.jsonl.stale                  the log of the last attempt that died before its first checkpoint
+    runs/NAME/best.safetensors                     train.keep_best: the full state with the lowest evaluation so far
+    runs/NAME/best.safetensors.stale               the best of an attempt that died before its first checkpoint
     runs/NAME/grids/grid-<images>.png              sample grids
 
 Leftovers of killed processes (temp files of checkpoint, metrics and grid writes whose process is gone)
@@ -23,6 +25,7 @@ from scm_graph.errors import UserError
 from scm_graph.paths import output_dir, remove_dead_temps, write_atomic
 
 CKPT = "ckpt.safetensors"
+BEST = "best.safetensors"
 METRICS = "metrics.jsonl"
 STALE = METRICS + ".stale"
 KEPT = "checkpoints"
@@ -37,7 +40,7 @@ def prepare(out: Path, resume: bool) -> list[str]:
     if not resume and ckpt.exists():
         raise UserError(f"{out} already holds a run; pass --resume to continue it or --train.out to start elsewhere")
     output_dir(out, "--train.out")
-    removed = remove_stale_temps(ckpt)
+    removed = remove_stale_temps(ckpt) + remove_stale_temps(out / BEST)
     for folder in (out, out / "grids", out / KEPT):
         removed += remove_dead_temps(folder)
     legacy = sorted(out.glob(f"{METRICS}.stale-*"))  # earlier versions kept one per failed start
@@ -50,6 +53,9 @@ def prepare(out: Path, resume: bool) -> list[str]:
     if not resume and (out / METRICS).exists():  # a run that died before its first checkpoint
         os.replace(out / METRICS, out / STALE)
         notes.append(f"{out / METRICS} of an attempt without a checkpoint was moved to {out / STALE}")
+    if not resume and (out / BEST).exists():  # its best, likewise: never another run's weights under this run's name
+        os.replace(out / BEST, out / (BEST + ".stale"))
+        notes.append(f"{out / BEST} of an attempt without a checkpoint was moved to {out / (BEST + '.stale')}")
     return notes
 
 

@@ -91,7 +91,7 @@ def test_missing_unreadable_and_misshapen_files(tmp_path: Path):
     msg = one_line_error(load_refs, tmp_path / "nope.npz", ["fid"])
     assert msg.startswith(f"reference statistics {tmp_path / 'nope.npz'} not found") and "python -m scm_graph.eval ref" in msg
     (tmp_path / "junk.npz").write_text("not a zip\n")
-    assert one_line_error(load_refs, tmp_path / "junk.npz", ["fid"]).startswith(f"cannot read reference statistics {tmp_path / 'junk.npz'}: ")
+    assert one_line_error(load_refs, tmp_path / "junk.npz", ["fid"]) == f"reference statistics {tmp_path / 'junk.npz'} are not a .npz file"
     np.savez(tmp_path / "bad.npz", fid_mu=np.zeros(3), fid_sigma=np.zeros((3, 2)))
     assert one_line_error(load_refs, tmp_path / "bad.npz", ["fid"]) == (
         f"reference statistics {tmp_path / 'bad.npz'}: fid has mean (3,) and covariance (3, 2)")
@@ -113,8 +113,9 @@ def test_ref_refuses_an_existing_out_without_force(tmp_path: Path, shard_root: P
     assert capsys.readouterr().out.strip() == f"wrote {out}: fd_dinov2 of 40 images of {shard_root / 'digits'}"
     got = load_refs(out, ["fd_dinov2"])["fd_dinov2"]
     assert got.n == 40 and got.mu.shape == (32,) and "first 40 of 1797 images" in str(_npz(out)["source"])
-    assert _exit_line(capsys, [*base[:4], tmp_path / "refs.txt", *base[5:]]) == "error: --out must end in .npz, not refs.txt"
-    _exit_line(capsys, [*base, "--force", "--n", "0"], "--n must be at least 1, not 0")
+    assert _exit_line(capsys, [*base[:4], tmp_path / "refs.txt", *base[5:]]) == (
+        f"error: --out {tmp_path / 'refs.txt'}: the file name must end in .npz")
+    _exit_line(capsys, [*base, "--force", "--n", "1"], "--n must be at least 2, not 1")  # checked before any work
     _exit_line(capsys, [*base, "--force", "--metric", "fd_digits"], "--metric", "invalid choice")
 
 

@@ -20,7 +20,7 @@ from scm_graph.data.digits import load_digits_uint8
 from scm_graph.errors import UserError
 from scm_graph.eval.digits import DigitsFeatures, digits_features, real_digits_stats
 from scm_graph.eval.dinov2 import DinoV2Features
-from scm_graph.eval.evaluator import Metrics, build_metrics, evaluate
+from scm_graph.eval.evaluator import Metrics, evaluate, load_metrics
 from scm_graph.eval.features import FeatureWeights
 from scm_graph.eval.frechet import FeatureStats, frechet_distance
 from scm_graph.eval.moments import Moments
@@ -171,6 +171,7 @@ def test_real_image_shares_add_up_to_the_first_n(n: int, batch: int, size: int):
     shares = [ids(list(real_images(pixels(), (1, 2, 2), n, batch, Split(r, size)))) for r in range(size)]
     for r, share in enumerate(shares):
         assert share == [i for i in range(n) if (i // batch) % size == r]
+        assert Split(r, size).share(n, batch) == len(share)  # the progress bar's total
     assert sorted(i for share in shares for i in share) == list(range(n))
     assert ids(list(real_images(pixels(), (1, 2, 2), n + 100, batch))) == list(range(n + 30))  # a short stream: all of it
 
@@ -207,7 +208,7 @@ def test_streamed_fd_equals_fd_by_hand(sct_ckpt: Path, dinov2_repo: Path, dinov2
     by FeatureStats.of (two-pass), scored by frechet_distance; the streamed moments equal those stats to 1e-10."""
     ref_path, ref_stats = dinov2_ref
     g = load_generator(sct_ckpt)
-    metrics = build_metrics(g, ["fd_digits", "fd_dinov2"], load_refs(ref_path, ["fd_dinov2"]), FeatureWeights(dinov2=str(dinov2_repo)))
+    metrics = load_metrics(g.spec, g.device, ["fd_digits", "fd_dinov2"], str(ref_path), FeatureWeights(dinov2=str(dinov2_repo)))
     n, batch, seed = 50, 7, 11
     rows = evaluate(g, [1, 2], n=n, seed=seed, metrics=metrics, batch=batch)
     standin = load_standin(dinov2_repo)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,7 +53,7 @@ def test_best_checkpoint_holds_the_lowest_evaluation_and_its_weights(best_run: P
     evals = [r for r in read_metrics(best_run) if r.get("event") == "eval"]
     best = min(evals, key=lambda e: e["fd_2step"])
     meta = json.loads(read_metadata(best_run / "best.safetensors")["meta"])
-    assert meta["best"] == {"key": "fd_2step", "value": best["fd_2step"], "images": best["images"]}
+    assert meta["best"] == {"key": "fd_2step", "samples": 48, "ref": "", "value": best["fd_2step"], "images": best["images"]}
     assert meta["eval"] == {k: v for k, v in best.items() if k != "event"}
     ck = load_checkpoint(best_run / "best.safetensors")
     assert ck.images == best["images"]
@@ -72,8 +74,33 @@ def test_resume_keeps_the_best_and_compares_against_it(best_run: Path, shard_roo
     assert [e["images"] for e in evals] == [32, 64, 96, 128, 160]
     after = json.loads(read_metadata(run / "best.safetensors")["meta"])["best"]
     best = min(evals, key=lambda e: e["fd_2step"])
-    assert after == {"key": "fd_2step", "value": best["fd_2step"], "images": best["images"]}
-    assert after == before or after["images"] == 160
+    assert after == {"key": "fd_2step", "samples": 48, "ref": "", "value": best["fd_2step"], "images": best["images"]}
+    assert after == before if evals[-1]["fd_2step"] >= before["value"] else after["images"] == 160
+
+
+def test_a_best_measured_another_way_is_replaced(best_run: Path, shard_root: Path, tmp_path: Path):
+    """Resumed with another sample count, the old best is not comparable: the first new evaluation replaces it."""
+    run = tmp_path / "run"
+    shutil.copytree(best_run, run)
+    train_main("digits_sct.py", *tiny_args(shard_root, run, 160, *EVERY, "--train.keep_best", "fd_2step",
+                                           "--optim.lr", "0.01", "--train.eval_samples", "40"), "--resume")
+    after = json.loads(read_metadata(run / "best.safetensors")["meta"])["best"]
+    assert (after["images"], after["samples"]) == (160, 40)
+
+
+def test_a_fresh_run_sets_a_leftover_best_aside(best_run: Path, shard_root: Path, tmp_path: Path, capsys):
+    """A folder with best.safetensors but no checkpoint (an attempt killed before its first checkpoint): a fresh
+    run moves the best aside, so best.safetensors never holds another run's weights; a dead save's temp goes."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(best_run / "best.safetensors", run / "best.safetensors")
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                              check=True).stdout)
+    (run / f"best.safetensors.tmp-{dead}").write_bytes(b"partial")
+    train_main("digits_sct.py", *tiny_args(shard_root, run, 32, "--train.keep_best", "fd_2step", "--train.seed", "3"))
+    assert "moved to" in capsys.readouterr().err
+    assert (run / "best.safetensors.stale").is_file() and not (run / f"best.safetensors.tmp-{dead}").exists()
+    assert load_checkpoint(run / "best.safetensors").images == 32  # this run's own, at its only evaluation
 
 
 @pytest.mark.parametrize("extra,needles", [

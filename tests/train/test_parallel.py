@@ -8,6 +8,8 @@
   resuming with 2 processes from a 1-process checkpoint (and back, through FSDP2) continues the same global
   batch and image count; a process killed mid-run stops the job (one line per process) and the last
   checkpoint loads; a global batch that does not split is one line.
+- Evaluation during a 2-process run (each process scores its share of the samples, FSDP2 EMA gathered on
+  every process) logs what one process measures of the kept best checkpoint.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from scm_graph.checkpoint import load_checkpoint
+from scm_graph.checkpoint import load_checkpoint, read_metadata
+from scm_graph.eval.evaluator import evaluate
 from scm_graph.model import build_model
 from scm_graph.objectives import StepInputs
+from scm_graph.sample.generate import load_generator
 from scm_graph.spec import ObjectiveSpec, OptimSpec
 from scm_graph.train.step import TrainStep
 from tests.helpers import (
@@ -34,6 +38,7 @@ from tests.helpers import (
     SPECS,
     assert_tensors_identical,
     cli_env,
+    read_metrics,
     step_records,
     tiny_args,
     tiny_spec,
@@ -222,3 +227,19 @@ def test_edm2_under_ddp_and_fsdp_equals_one_process(tmp_path, shard_root):
             torch.testing.assert_close(other.net[k], v, atol=2e-5, rtol=1e-4, msg=f"{name}: {k}")
     rms = one.net["net.enc.0.conv_res0.weight"].flatten(1).square().mean(1).sqrt()
     torch.testing.assert_close(rms, torch.ones_like(rms), atol=1e-5, rtol=0)  # each weight back on its sphere
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_two_process_evaluation_splits_the_samples_and_keeps_the_best(tmp_path, shard_root, kind):
+    """Under torchrun every process evaluates its share of the samples (moments summed over the job): the logged
+    2-step FDs are what one process measures of the same EMA, here that of the kept best.safetensors."""
+    out = tmp_path / kind
+    ok(run(train_cmd(out, shard_root, 64, "--train.parallel", kind, "--train.eval_every_images", "32",
+                     "--train.eval_samples", "40", "--train.ckpt_every_images", "32", "--train.keep_best", "fd_2step")))
+    evals = [r for r in read_metrics(out) if r.get("event") == "eval"]
+    assert [e["images"] for e in evals] == [32, 64]
+    best = min(evals, key=lambda e: e["fd_2step"])
+    meta = json.loads(read_metadata(out / "best.safetensors")["meta"])
+    assert (meta["best"]["value"], meta["best"]["images"]) == (best["fd_2step"], best["images"])
+    (row,) = evaluate(load_generator(out / "best.safetensors", device="cpu"), [2], 40)
+    assert row.fd == pytest.approx(best["fd_2step"], rel=1e-6)  # float64 sums in another order, other threads
