@@ -2,8 +2,9 @@
 
 `diffusion` is TrigFlow diffusion (sCM Eq. 4, the teacher and baseline), `sct` continuous-time
 consistency training (Algorithm 1) and `scd` its distillation of a frozen teacher; `weighting` is the
-adaptive weighting they use (Eq. 8), `common` their inputs, output and masking of non-finite samples. All randomness arrives in `StepInputs`, drawn
-by the caller outside any compiled region.
+adaptive weighting they use (Eq. 8), `common` their inputs, output and masking of non-finite samples;
+`ict_schedule` holds iCT's discrete-time pieces (grid, curriculum, index distribution, Pseudo-Huber). All
+randomness arrives in `StepInputs`, drawn by the caller outside any compiled region.
 """
 
 from __future__ import annotations
