@@ -58,8 +58,8 @@ class SampleSpec:
 
 def sample_images(g: Generator, s: SampleSpec, split: Split = Split()) -> Iterator[Tensor]:
     """uint8 images [b, C, H, W] of this process's batches (see the module docstring)."""
-    chunks = (s.n + s.batch - 1) // s.batch
-    for c in range(split.rank, chunks, split.size):
+    batches = (s.n + s.batch - 1) // s.batch
+    for c in range(split.rank, batches, split.size):
         start = c * s.batch
         b = min(s.batch, s.n - start)
         labels = torch.arange(start, start + b) % g.spec.data.num_classes if g.spec.net.class_conditional else None  # label(i) = i mod classes
