@@ -53,8 +53,8 @@ class InceptionFeatures:
 
     metric, dim = "fid", 2048
 
-    def __init__(self, path: str = "", device: torch.device | str = "cpu", flag: str = "--inception") -> None:
-        f = inception_file(path, flag)
+    def __init__(self, path: str = "", device: torch.device | str = "cpu") -> None:
+        f = inception_file(path)
         InceptionV3W, build_resizer = _cleanfid()
         try:
             self.net = InceptionV3W(str(f.parent), download=False, resize_inside=False).to(device).eval()

@@ -106,11 +106,11 @@ def generate(
     else:
         times = consistency_times(steps, g.sigma_d) if g.is_consistency else ode_times(steps, g.sigma_d)
     gen = torch.Generator().manual_seed(seed)
+    k = len(times) if g.is_consistency else 1  # noise draws per sample
     out = []
     for start in range(0, n, batch):
         b = min(batch, n - start)
         lab = None if labels is None else labels[start : start + b].to(g.device)
-        k = len(times) if g.is_consistency else 1  # noise draws per sample
         if sample_ids is None:
             noise = [torch.randn(b, *shape, generator=gen) for _ in range(k)]
         else:  # one generator per sample, its k draws in order

@@ -177,7 +177,7 @@ class Run:
     def __init__(self, spec: Spec, out: Path, resume: bool, verify: bool = True, world: World | None = None,
                  device: torch.device | None = None, vae: Vae | None = None, metrics: Metrics | None = None):
         self.spec, self.out, self.world = spec, out, world or World()
-        self.metrics = metrics  # the eval metrics' feature networks and references (load_eval; None: built at the first evaluation)
+        self.metrics = metrics  # the eval metrics' feature networks and references (load_eval; None: the run evaluates nothing)
         self.vae = vae  # latent runs: decodes the grids (rank 0; loaded at the first grid if not given)
         self.device = device if device is not None else parallel.join(spec.train.device, spec.train.dist_timeout_s)[1]
         t = spec.train
@@ -312,8 +312,6 @@ class Run:
 
     def evaluate(self, ema: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
         """The eval metrics of the EMA's samples (every process; not yet logged)."""
-        if self.metrics is None:
-            self.metrics = load_eval(self.spec, self.device)
         g = self.generator(ema)
         values = evaluate_metrics(g, self.metrics, self.spec.train.eval_samples)
         self.vae = g.vae  # latent runs: the VAE that decoded the samples, loaded once
