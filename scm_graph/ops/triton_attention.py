@@ -65,7 +65,7 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_a = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if HAS_T:
-        dq, _, _ = _row_tile(DQ, bh, rows, Nq, offs_d, D)
+        dq, _dq_off, _dq_mask = _row_tile(DQ, bh, rows, Nq, offs_d, D)  # own names: a loop-carried `_` must keep one shape
         acc_b = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         c_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
@@ -120,7 +120,7 @@ def _bwd_dkdv_kernel(
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k, kv_off, kv_mask = _row_tile(K, bh, cols, Nk, offs_d, D)
-    v, _, _ = _row_tile(V, bh, cols, Nk, offs_d, D)
+    v, _v_off, _v_mask = _row_tile(V, bh, cols, Nk, offs_d, D)  # own names: a loop-carried `_` must keep one shape
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start_m in range(0, Nq, BLOCK_M):
@@ -148,7 +148,7 @@ def _bwd_dq_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q, q_off, q_mask = _row_tile(Q, bh, rows, Nq, offs_d, D)
-    g, _, _ = _row_tile(G, bh, rows, Nq, offs_d, D)
+    g, _g_off, _g_mask = _row_tile(G, bh, rows, Nq, offs_d, D)  # own names: a loop-carried `_` must keep one shape
     lse2 = tl.load(LSE + bh * Nq + rows, mask=rows < Nq, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + bh * Nq + rows, mask=rows < Nq, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
