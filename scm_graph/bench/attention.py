@@ -4,9 +4,13 @@ For each N and head dim: time and peak memory of computing O and dO for tangents
   fused  - `scm_graph.ops.jvp_attention` (the Triton kernel on CUDA, the math fallback on CPU),
   math   - `torch.func.jvp` over plain softmax attention (what autograd's forward mode does),
   jfa    - the `jvp_flash_attention` package under `torch.func.jvp`, when it is installed,
-all in one process, side by side on the same inputs. TFLOP/s counts 12 N^2 D per head (forward 4,
-JVP 8: six matmuls). Peak memory is measured on CUDA only (max_memory_allocated minus the inputs).
-Every method's dO is checked against the fused one; a disagreement is reported, not hidden.
+and, forward only (O without a tangent: how close the fused kernel gets to a plain flash forward),
+  fused fwd - the same Triton kernel without tangents (the math fallback on CPU),
+  sdpa fwd  - torch's `scaled_dot_product_attention` (FlashAttention-2 or cuDNN on a GPU),
+all in one process, side by side on the same inputs. TFLOP/s counts 12 N^2 D per head for forward + JVP
+(forward 4, JVP 8: six matmuls) and 4 N^2 D for a forward. Peak memory is measured on CUDA only
+(max_memory_allocated minus the inputs). Every JVP method's dO is checked against the fused one, and
+every forward's O against the fused forward's; a disagreement is reported, not hidden.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from torch.func import jvp
 from scm_graph.bench.common import append_table, device_name, synchronize
 from scm_graph.device import pick_device
 from scm_graph.errors import ArgumentParser, UserError, cli_main
-from scm_graph.ops import jvp_attention
+from scm_graph.ops import jvp_attention, math_ref
 from scm_graph.paths import output_file
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -43,23 +47,51 @@ def math_attention(q, k, v):
     return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1) @ v
 
 
-def _methods() -> dict:
+def _fused_forward(q, k, v):
+    """O from the fused op's kernel without tangents (a plain flash forward); the math fallback on CPU."""
+    kernels = math_ref
+    if q.is_cuda:
+        from scm_graph.ops import triton_attention as kernels
+    return kernels.fwd_jvp(q, k, v, None, None, None, q.shape[-1] ** -0.5)[0]
+
+
+def _forward_ad(fn, primals, tangents):
+    """(O, dO) through autograd's forward mode (dual tensors), which jvp_flash_attention implements (not functorch's jvp)."""
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        o = fn(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents)))
+        p, t = fwAD.unpack_dual(o)
+    return p, t
+
+
+@dataclass(frozen=True)
+class Method:
+    fn: object  # (q, k, v, dq, dk, dv) -> (O, dO or None)
+    jvp: bool  # forward + JVP (12 N^2 D flops) or forward only (4 N^2 D)
+    baseline: str  # the row its speed-up and its error are measured against
+
+
+def _methods() -> dict[str, Method]:
     out = {
-        "fused": lambda q, k, v, dq, dk, dv: jvp_attention(q, k, v, dq, dk, dv),
-        "math": lambda q, k, v, dq, dk, dv: jvp(math_attention, (q, k, v), (dq, dk, dv)),
+        "fused": Method(lambda q, k, v, dq, dk, dv: jvp_attention(q, k, v, dq, dk, dv), True, "fused"),
+        "math": Method(lambda q, k, v, dq, dk, dv: jvp(math_attention, (q, k, v), (dq, dk, dv)), True, "fused"),
     }
     try:
         from jvp_flash_attention.jvp_attention import (
             attention as jfa,  # optional third-party baseline
         )
     except ImportError:
-        return out
-    out["jfa"] = lambda q, k, v, dq, dk, dv: jvp(jfa, (q, k, v), (dq, dk, dv))
+        pass
+    else:
+        out["jfa"] = Method(lambda q, k, v, dq, dk, dv: _forward_ad(jfa, (q, k, v), (dq, dk, dv)), True, "fused")
+    out["fused fwd"] = Method(lambda q, k, v, *_: (_fused_forward(q, k, v), None), False, "fused fwd")
+    out["sdpa fwd"] = Method(lambda q, k, v, *_: (torch.nn.functional.scaled_dot_product_attention(q, k, v), None), False, "fused fwd")
     return out
 
 
 def time_one(fn, args, dev: torch.device, reps: int, warmup: int) -> tuple[float, float, torch.Tensor]:
-    """(median ms, peak extra MiB, dO) of fn(*args)."""
+    """(median ms, peak extra MiB, dO, or O for a forward) of fn(*args)."""
     with torch.no_grad():
         for _ in range(warmup):
             fn(*args)
@@ -75,7 +107,7 @@ def time_one(fn, args, dev: torch.device, reps: int, warmup: int) -> tuple[float
             synchronize(dev)
             times.append((time.perf_counter() - t0) * 1e3)
         peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20 if dev.type == "cuda" else float("nan")
-    return statistics.median(times), peak, do
+    return statistics.median(times), peak, (o if do is None else do)
 
 
 def run(ns: list[int], head_dims: list[int], bh: int, heads: int, dtype: torch.dtype, dev: torch.device, reps: int, warmup: int, max_math_n: int) -> list[AttnTiming]:
@@ -88,23 +120,25 @@ def run(ns: list[int], head_dims: list[int], bh: int, heads: int, dtype: torch.d
         gen = torch.Generator(device=dev).manual_seed(0)
         shape = (bh // heads, heads, n, d)
         args = [torch.randn(shape, generator=gen, device=dev, dtype=dtype) for _ in range(6)]
-        flops = 12.0 * n * n * d * bh
-        ref = None
-        for name, fn in methods.items():
+        refs: dict[str, torch.Tensor] = {}
+        for name, m in methods.items():
+            flops = (12.0 if m.jvp else 4.0) * n * n * d * bh
             if name == "math" and n > max_math_n:
                 rows.append(AttnTiming(name, n, d, float("nan"), float("nan"), float("nan"), float("nan"), f"skipped (N > {max_math_n})"))
                 continue
             try:
-                ms, peak, do = time_one(fn, args, dev, reps, warmup)
+                ms, peak, out = time_one(m.fn, args, dev, reps, warmup)
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 rows.append(AttnTiming(name, n, d, float("nan"), float("nan"), float("nan"), float("nan"), "out of memory"))
                 continue
-            if ref is None:
-                ref = do.float()
-            err = ((do.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+            except Exception as e:  # noqa: BLE001  (a baseline that does not run here is a row saying so, not a lost table)
+                rows.append(AttnTiming(name, n, d, float("nan"), float("nan"), float("nan"), float("nan"), f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"))
+                continue
+            ref = refs.setdefault(m.baseline, out.float())
+            err = ((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
             rows.append(AttnTiming(name, n, d, ms, flops / (ms * 1e-3) / 1e12, peak, err))
-            del do
+            del out
     return rows
 
 
@@ -112,19 +146,24 @@ def to_markdown(rows: list[AttnTiming], device: str, dtype: str, bh: int, heads:
     lines = [
         f"# Attention forward + JVP: {device}",
         "",
-        f"torch {torch.__version__}, {dtype}, batch x heads = {bh} ({heads} heads), one process, side by side. "
-        "TFLOP/s counts 12 N^2 D per head; peak = extra memory over the inputs (CUDA only); "
-        "err = max |dO - dO_fused| / max |dO_fused|.",
+        (f"torch {torch.__version__}, {dtype}, batch x heads = {bh} ({heads} heads), one process, side by side. "
+        "TFLOP/s counts 12 N^2 D per head for forward + JVP and 4 N^2 D for the forward-only rows (fwd); "
+        "peak = extra memory over the inputs (CUDA only); err = max |dO - dO_fused| / max |dO_fused| "
+        "(fwd rows: the same for O against the fused forward's). Speed-up: this row's time over the fused "
+        "op's (fwd rows: over the fused forward's)."),
         "",
         "| head dim | N | method | ms | TFLOP/s | peak MiB | err | speed-up of fused | note |",
         "|---:|---:|---|---:|---:|---:|---:|---:|---|",
     ]
-    fused = {(r.n, r.head_dim): r.ms for r in rows if r.method == "fused"}
+    base = {(r.method, r.n, r.head_dim): r.ms for r in rows}
+    methods = _methods()
     for r in rows:
-        f = fused.get((r.n, r.head_dim), float("nan"))
-        speed = f"{r.ms / f:.2f}x" if r.method != "fused" and r.ms == r.ms and f == f else ""
+        b = methods[r.method].baseline if r.method in methods else "fused"
+        f = base.get((b, r.n, r.head_dim), float("nan"))
+        speed = f"{r.ms / f:.2f}x" if r.method != b and r.ms == r.ms and f == f else ""
+        note = r.note.replace("|", "\\|")  # a failure's message may hold pipes
         lines.append(
-            f"| {r.head_dim} | {r.n} | {r.method} | {r.ms:.3f} | {r.tflops:.3g} | {r.peak_mib:.1f} | {r.max_err:.1e} | {speed} | {r.note} |".replace("nan", "-")
+            f"| {r.head_dim} | {r.n} | {r.method} | {r.ms:.3f} | {r.tflops:.3g} | {r.peak_mib:.1f} | {r.max_err:.1e} | {speed} | {note} |".replace("nan", "-")
         )
     return "\n".join(lines) + "\n"
 

@@ -82,7 +82,7 @@ def test_kernels_lower_at_every_gpu_config():
         pytest.skip(f"this Triton's compiler internals differ: {e}")
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     root = Path(__file__).resolve().parents[2]
-    r = subprocess.run([sys.executable, str(Path(__file__).resolve())], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve())], env=env, cwd=root, check=False, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "lowered" in r.stdout
 
