@@ -20,6 +20,10 @@ eval *args:
 bench what *args:
     python -m scm_graph.bench {{what}} {{args}}
 
+# A sweep: spec variants at one image budget over seeds, then sweep.md and plots: just sweep specs/sweeps/example.py [--only NAME ...] [--dry-run] [--report-only] [--out DIR]
+sweep file *args:
+    python -m scm_graph.sweep {{file}} {{args}}
+
 # The test suite (what CI runs after installing)
 test *args:
     python -m pytest -q {{args}}

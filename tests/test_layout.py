@@ -4,7 +4,7 @@ nothing in the repository points at a file outside it.
 The flow, bottom to top (a module may import its own rank or lower, never higher):
     utilities (errors, checks, paths, progress, device, precision) -> ops -> spec -> specfile, trigflow -> data -> shard (the data CLI)
     -> nets -> model -> objectives -> train.step, train.ema -> checkpoint -> sample -> eval
-    -> the runners that compose everything: train.loop, train.cli, bench.
+    -> the runners that compose everything: train.loop, train.cli, bench, report, sweep.
 Imports inside functions count too.
 """
 
@@ -37,7 +37,7 @@ RANKS = {  # longest matching prefix wins
     "scm_graph.sample": 11,
     "scm_graph.eval": 12,
     "scm_graph.train.loop": 13, "scm_graph.train.meter": 13, "scm_graph.train.rundir": 13, "scm_graph.train.distill": 13, "scm_graph.train.cli": 13, "scm_graph.train.__main__": 13, "scm_graph.bench": 13,
-    "scm_graph.diagnose": 13, "scm_graph.report": 13,
+    "scm_graph.diagnose": 13, "scm_graph.report": 13, "scm_graph.sweep": 13,
 }
 
 # Beyond the ranks: what the issue's contract names explicitly.

@@ -1,0 +1,3 @@
+from scm_graph.sweep.cli import main
+
+main()
