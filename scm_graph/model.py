@@ -2,8 +2,8 @@
 
 `TrigFlowModel` owns sigma_d and the input scaling, as EDM2's `Precond` does: callers pass x_t and t,
 and `model(x_t, t, labels, dropout_key)` returns F_theta(x_t / sigma_d, c_noise(t)) (sCM Sec. 3 and 4.1).
-The backbone (`scm_graph.nets`) only ever sees the unit-variance input and c_noise. `w_phi` is a
-separate submodule, never inside the JVP.
+The backbone (`scm_graph.nets`) only ever sees the unit-variance input and c_noise(t) = s t, s = `net.time_scale`
+(1 by default); w_phi sees the same c_noise. `w_phi` is a separate submodule, never inside the JVP.
 """
 
 from __future__ import annotations
@@ -27,27 +27,34 @@ from scm_graph.spec import Spec, distils_guidance
 
 
 class AdaptiveWeight(nn.Module):
-    """w_phi(t): a linear layer on a positional embedding of c_noise(t), zero-initialised (EDM2 style; sCM Eq. 8)."""
+    """w_phi(t): a linear layer on a positional embedding of c_noise(t), zero-initialised (EDM2 style; sCM Eq. 8).
 
-    def __init__(self, channels: int = 128):
+    `time_scale` is the network's (c_noise(t) = s t): w_phi resolves t as finely as the network does, and EDM2
+    feeds its log-variance head the network's c_noise too (docs/design.md, "Time embedding scale").
+    """
+
+    def __init__(self, channels: int = 128, time_scale: float = 1.0):
         super().__init__()
+        self.time_scale = float(time_scale)
         self.emb = PositionalEmbedding(channels)
         self.linear = nn.Linear(channels, 1)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.linear(self.emb(trigflow.c_noise(t))).squeeze(1)
+        return self.linear(self.emb(trigflow.c_noise(t, self.time_scale))).squeeze(1)
 
 
 class TrigFlowModel(nn.Module):
-    """F_theta(x_t / sigma_d, c_noise(t), cond) around `net`; `sigma_d` is a constant of the model."""
+    """F_theta(x_t / sigma_d, c_noise(t), cond) around `net`; `sigma_d` and `time_scale` (c_noise(t) = s t) are
+    constants of the model."""
 
-    def __init__(self, net: nn.Module, w_phi: AdaptiveWeight, sigma_d: float):
+    def __init__(self, net: nn.Module, w_phi: AdaptiveWeight, sigma_d: float, time_scale: float = 1.0):
         super().__init__()
         self.net = net
         self.w_phi = w_phi
         self.sigma_d = float(sigma_d)
+        self.time_scale = float(time_scale)
 
     def forward(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None, dropout_key: Tensor | None = None,
                 guidance: Tensor | None = None, weight: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -55,7 +62,8 @@ class TrigFlowModel(nn.Module):
 
         `weight=True` returns (F, w_phi(t)): one forward of a wrapped (DDP / FSDP) model that uses every weight.
         """
-        F = self.net(x_t / self.sigma_d, trigflow.c_noise(t), labels, dropout_key, guidance)  # F_theta(x_t / sigma_d, c_noise(t))
+        c = trigflow.c_noise(t, self.time_scale)  # c_noise(t) = s t; the CFG scale `guidance` is not scaled
+        F = self.net(x_t / self.sigma_d, c, labels, dropout_key, guidance)  # F_theta(x_t / sigma_d, c_noise(t))
         if not weight:
             return F
         with fp32_region(t):
@@ -112,7 +120,7 @@ def build_model(spec: Spec) -> TrigFlowModel:
         net = EDM2UNet(d.resolution, d.channels, **dataclasses.asdict(n.edm2), **common)
     else:
         raise ValueError(f"unknown net.arch {n.arch!r}: expected 'unet', 'edm2' or 'dit'")
-    return TrigFlowModel(net, AdaptiveWeight(), spec.objective.sigma_d)
+    return TrigFlowModel(net, AdaptiveWeight(time_scale=n.time_scale), spec.objective.sigma_d, n.time_scale)
 
 
 def num_params(module: nn.Module) -> int:

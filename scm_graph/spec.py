@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -131,6 +132,8 @@ class NetSpec:
     """Dropout probability inside residual blocks (U-Net) or MLPs (DiT)."""
     class_conditional: bool = False
     """Condition on the class label (needs labelled shards)."""
+    time_scale: Annotated[float, POSITIVE] = 1.0
+    """Scale s of the time input: the network and w_phi see c_noise(t) = s t, t in [0, pi/2] (sCM: 1; DDPM-style embeddings: 1000)."""
     unet: UNetSpec = field(default_factory=UNetSpec)
     dit: DiTSpec = field(default_factory=DiTSpec)
     edm2: EDM2Spec = field(default_factory=EDM2Spec)
@@ -154,18 +157,26 @@ LEGACY_NET_FIELDS: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class ObjectiveSpec:
-    kind: Literal["sct", "scd", "diffusion"] = "sct"
-    """'sct': continuous-time consistency training (Algorithm 1); 'scd': its distillation of a diffusion teacher (objective.teacher); 'diffusion': TrigFlow diffusion (Eq. 4)."""
+    kind: Literal["sct", "scd", "diffusion", "discrete", "ict"] = "sct"
+    """'sct': continuous-time consistency training (Algorithm 1); 'scd': its distillation of a diffusion teacher (objective.teacher); 'diffusion': TrigFlow diffusion (Eq. 4); 'discrete': sCT with the network's time derivative replaced by a finite difference over a grid of objective.N steps (sCM Fig. 5c); 'ict': discrete-time consistency training as iCT (Song & Dhariwal 2023: EDM parameterisation, Karras grid, Pseudo-Huber, doubling curriculum)."""
     sigma_d: Annotated[float, POSITIVE] = 0.5
     """Data standard deviation sigma_d."""
     P_mean: float = -1.0
-    """Mean of the log-normal time proposal, tau ~ N(P_mean, P_std^2)."""
+    """Mean of the log-normal time proposal, tau ~ N(P_mean, P_std^2), sigma = e^tau ('ict': of the discretised index distribution; iCT: -1.1)."""
     P_std: Annotated[float, POSITIVE] = 1.4
     """Std of the log-normal time proposal."""
     tangent_c: Annotated[float, NON_NEGATIVE] = 0.1
     """Tangent normalisation constant c in g / (||g|| + c)."""
     tangent_clip: bool = False
     """Clip the tangent to [-1, 1] instead of normalising it."""
+    tangent_normalize: bool = True
+    """Normalise the tangent, g / (||g|| + c); False (and tangent_clip False) trains on the raw tangent (sCM Fig. 5a)."""
+    N: Annotated[int, AT_LEAST_1] = 160
+    """'discrete': grid steps over [0, t_max]; the finite difference spans one step, t_max / N (sCM Fig. 5c: 10 to 1280)."""
+    ict_steps: Annotated[tuple[int, int], AT_LEAST_1] = (10, 1280)
+    """'ict': the curriculum's first and last grid sizes s0, s1: N(k) = min(s0 2^floor(k / K'), s1) + 1 (iCT Sec. 3.3)."""
+    ict_huber: Annotated[float, POSITIVE] = 0.00054
+    """'ict': the Pseudo-Huber constant per sqrt(D), c = ict_huber sqrt(D) (iCT Sec. 3.3)."""
     warmup_images: Annotated[int, NON_NEGATIVE] = 5_120_000
     """Tangent warmup: r grows linearly 0 -> 1 over this many images (paper: 10k iterations x 512)."""
     adaptive_weighting: bool = True
@@ -236,6 +247,8 @@ class TrainSpec:
     """Images between evaluations (1- and 2-step samples; 32-step Heun for diffusion) of the EMA; 0 = only at the end."""
     eval_samples: Annotated[int, Check(ge=2)] = 1797
     """Samples per evaluation (the budget: the papers use 50000 for FID)."""
+    eval_t_mid: Annotated[float, POSITIVE] = 1.1
+    """Intermediate time t_mid of the 2-step samples in grids and evaluations, 0 < t_mid < t_max (sCM: 1.1); the sample / eval CLIs' default for this checkpoint."""
     eval_metrics: tuple[Literal["fd_digits", "fid", "fd_dinov2"], ...] = ()
     """Metrics of each evaluation; empty = fd_digits for the 8x8 digits, none otherwise. fid / fd_dinov2 need train.eval_ref."""
     eval_ref: str = ""
@@ -343,6 +356,11 @@ def validate(spec: Spec) -> None:
     if not problems and o.kind == "scd" and o.teacher_kind == "edm" and o.init_from_teacher and not spec.train.init_from:
         problems.append("an 'edm' teacher's network is not the student's: set objective.init_from_teacher false "
                         "(or train.init_from a checkpoint of the student's network)")
+    if not problems and o.ict_steps[0] > o.ict_steps[1]:
+        problems.append(f"objective.ict_steps must be (s0, s1) with s0 <= s1, not {o.ict_steps}")
+    if not problems and spec.train.eval_t_mid >= (t_max := math.atan(80.0 / o.sigma_d)):  # trigflow.t_max: arctan(sigma_max / sigma_d)
+        problems.append(f"train.eval_t_mid must be below t_max = arctan(80 / objective.sigma_d) = {t_max:.4f}, "
+                        f"not {spec.train.eval_t_mid}")
     if not problems and spec.train.batch % spec.train.accum:
         problems.append(f"train.batch {spec.train.batch} does not divide into train.accum {spec.train.accum} micro-batches")
     d = spec.data

@@ -13,6 +13,7 @@ from torch import Tensor
 
 T_MAX_SIGMA = 80.0  # EDM sigma_max; sampling starts at t_max = arctan(80 / sigma_d)
 T_MID = 1.1  # intermediate time of two-step sampling (sCM Sec. 6)
+SIGMA_MIN = 0.002  # EDM / iCT sigma_min: the iCT consistency function is the identity there
 
 
 def expand(t: Tensor, x: Tensor) -> Tensor:
@@ -41,9 +42,10 @@ def velocity(x0: Tensor, z: Tensor, t: Tensor) -> Tensor:
     return torch.cos(tt) * z - torch.sin(tt) * x0
 
 
-def c_noise(t: Tensor) -> Tensor:
-    """Time conditioning of the network: identity c_noise(t) = t (Sec. 4.1)."""
-    return t
+def c_noise(t: Tensor, scale: float = 1.0) -> Tensor:
+    """Time conditioning of the network: c_noise(t) = scale * t, the identity by default (Sec. 4.1);
+    `scale` is `net.time_scale` (e.g. 1000 for DDPM-style embeddings that expect t in [0, 1000])."""
+    return t if scale == 1.0 else scale * t  # c_noise(t) = s t; s = 1 adds no op to the graph
 
 
 def consistency_fn(x_t: Tensor, t: Tensor, F: Tensor, sigma_d: float) -> Tensor:
@@ -89,3 +91,22 @@ def F_from_edm_denoiser(x_t: Tensor, t: Tensor, D: Tensor, sigma_d: float) -> Te
 def edm_denoiser_from_F(x_t: Tensor, t: Tensor, F: Tensor, sigma_d: float) -> Tensor:
     """D = cos(t) x_t - sin(t) sigma_d F: the x0-prediction, which equals f(x_t, t)."""
     return consistency_fn(x_t, t, F, sigma_d)
+
+
+# --- The EDM consistency function with sigma_min (iCT, Song & Dhariwal 2023), in TrigFlow's variables --------
+
+
+def cm_coefficients(sigma: Tensor, sigma_d: float, sigma_min: float = SIGMA_MIN) -> tuple[Tensor, Tensor, Tensor]:
+    """(c_skip, c_out, c_in) of f(x, sigma) = c_skip x + c_out F(c_in x, c_noise); f(x, sigma_min) = x exactly."""
+    c_skip = sigma_d**2 / ((sigma - sigma_min) ** 2 + sigma_d**2)  # c_skip = sigma_d^2 / ((sigma - sigma_min)^2 + sigma_d^2)
+    c_out = sigma_d * (sigma - sigma_min) / torch.sqrt(sigma_d**2 + sigma**2)  # c_out = sigma_d (sigma - sigma_min) / sqrt(sigma_d^2 + sigma^2)
+    c_in = 1.0 / torch.sqrt(sigma**2 + sigma_d**2)  # c_in = 1 / sqrt(sigma^2 + sigma_d^2)
+    return c_skip, c_out, c_in
+
+
+def ict_consistency_fn(x_t: Tensor, t: Tensor, F: Tensor, sigma_d: float, sigma_min: float = SIGMA_MIN) -> Tensor:
+    """f(x_edm, sigma) = c_skip x_edm + c_out F for a network that saw x_t = cos t x_edm at t = arctan(sigma / sigma_d)
+    (its input x_t / sigma_d is then c_in x_edm, so a TrigFlow backbone serves unchanged)."""
+    tt = expand(t, x_t)
+    c_skip, c_out, _ = cm_coefficients(sigma_d * torch.tan(tt), sigma_d, sigma_min)  # sigma = sigma_d tan t
+    return c_skip * (x_t / torch.cos(tt)) + c_out * F  # f = c_skip x_edm + c_out F(c_in x_edm, c_noise)

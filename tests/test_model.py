@@ -10,7 +10,16 @@ import torch
 from scm_graph.errors import UserError
 from scm_graph.model import build_model, check_net
 from scm_graph.nets.dit import DiT
-from scm_graph.spec import DataSpec, DiTSpec, NetSpec, Spec, validate
+from scm_graph.nets.embedding import PositionalEmbedding
+from scm_graph.spec import (
+    DataSpec,
+    DiTSpec,
+    EDM2Spec,
+    NetSpec,
+    ObjectiveSpec,
+    Spec,
+    validate,
+)
 from scm_graph.specfile import apply_overrides, read_spec_file
 from tests.helpers import SPECS, perturb_zero_init, tiny_spec
 
@@ -92,3 +101,84 @@ def test_model_owns_sigma_d_and_the_input_scaling(arch):
     F = m(x_t, t, y)
     assert torch.equal(F, m.net(x_t / 0.7, t, y))
     assert (F - m.net(x_t, t, y)).abs().max() > 1e-3  # the scaling matters for this network
+
+
+# ----------------------------------------------------------------------------- net.time_scale
+
+
+def _scaled_spec(arch: str, time_scale: float, guidance: bool = False) -> Spec:
+    """A tiny class-conditional spec of `arch` with net.time_scale; `guidance`: an sCD student that takes the CFG scale."""
+    if arch == "edm2":
+        edm2 = EDM2Spec(channels=8, channel_mult=(1, 2), num_blocks=1, head_dim=4, attn_resolutions=(4,))
+        spec = Spec(data=DataSpec(resolution=8, channels=1, num_classes=10),
+                    net=NetSpec(arch="edm2", class_conditional=True, edm2=edm2))
+    else:
+        spec = tiny_spec(arch, class_conditional=True)
+    spec = dataclasses.replace(spec, net=dataclasses.replace(spec.net, time_scale=time_scale))
+    if guidance:
+        spec = dataclasses.replace(spec, objective=ObjectiveSpec(kind="scd", teacher="teacher.safetensors"))
+    return spec
+
+
+def _built(spec: Spec) -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = build_model(spec).double()
+    perturb_zero_init(m)  # the zero-initialised outputs, w_phi and the guidance input: everything reaches F and w
+    return m
+
+
+def _embedding_inputs(m: torch.nn.Module) -> tuple[dict[str, list[torch.Tensor]], list]:
+    """Every PositionalEmbedding's inputs, by module name, as the model runs (and the hook handles)."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = [mod.register_forward_hook(lambda mod, args, out, name=name: seen.setdefault(name, []).append(args[0]))
+             for name, mod in m.named_modules() if isinstance(mod, PositionalEmbedding)]
+    return seen, hooks
+
+
+@pytest.mark.parametrize("arch", ["unet", "dit", "edm2"])
+@pytest.mark.parametrize("s", [1000.0, 0.25])
+def test_time_scale_scales_the_time_embeddings_input_and_nothing_else(arch, s):
+    """net.time_scale s: the same weights, the backbone's and w_phi's positional embeddings see s t (the CFG
+    scale input is not scaled), so model_s(x, t) is exactly model_1(x, s t); it does change F and w."""
+    m1, ms = _built(_scaled_spec(arch, 1.0, guidance=True)), _built(_scaled_spec(arch, s, guidance=True))
+    assert ms.time_scale == ms.w_phi.time_scale == s and m1.time_scale == m1.w_phi.time_scale == 1.0
+    a, b = m1.state_dict(), ms.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # no new weight, same init
+    x, t = torch.randn(3, 1, 8, 8, dtype=torch.float64), torch.tensor([0.05, 0.7, 1.5], dtype=torch.float64)
+    y, g = torch.tensor([1, 5, 9]), torch.tensor([1.0, 1.5, 2.0], dtype=torch.float64)
+    seen, hooks = _embedding_inputs(ms)
+    F, w = ms(x, t, y, None, g, weight=True)
+    for h in hooks:
+        h.remove()
+    net_emb = "net.emb.pos" if arch == "edm2" else "net.emb.noise"
+    assert set(seen) == {net_emb, "w_phi.emb"}
+    (c, s_in), (c_w,) = seen[net_emb], seen["w_phi.emb"]  # the time, then the CFG scale through the same embedding
+    assert torch.equal(c, s * t) and torch.equal(c_w, s * t) and torch.equal(s_in, g)
+    F1, w1 = m1(x, s * t, y, None, g, weight=True)
+    assert torch.equal(F, F1) and torch.equal(w, w1)
+    F1t, w1t = m1(x, t, y, None, g, weight=True)
+    assert (F - F1t).abs().max() > 1e-6 and (w - w1t).abs().max() > 1e-6
+
+
+def test_time_scale_one_is_the_identity():
+    """The default passes t itself (no op): checkpoints without the field behave as before."""
+    m = _built(_scaled_spec("unet", 1.0))
+    seen, hooks = _embedding_inputs(m)
+    t = torch.rand(2, dtype=torch.float64)
+    m(torch.randn(2, 1, 8, 8, dtype=torch.float64), t, torch.tensor([0, 1]), weight=True)
+    for h in hooks:
+        h.remove()
+    assert seen["net.emb.noise"][0] is t and seen["w_phi.emb"][0] is t
+    assert Spec().net.time_scale == 1.0
+
+
+def test_time_scale_scales_the_time_tangent():
+    """Under torch.func.jvp (the sCT tangent) dF/dt of model_s is s dF/dc of model_1 at c = s t (chain rule)."""
+    s = 1000.0
+    m1, ms = _built(_scaled_spec("unet", 1.0)), _built(_scaled_spec("unet", s))
+    x, y = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.tensor([2, 7])
+    t, dt = torch.tensor([0.3, 1.2], dtype=torch.float64), torch.tensor([1.0, -0.5], dtype=torch.float64)
+    F, dF = torch.func.jvp(lambda tt: ms(x, tt, y), (t,), (dt,))
+    F1, dF1 = torch.func.jvp(lambda cc: m1(x, cc, y), (s * t,), (s * dt,))
+    torch.testing.assert_close(F, F1, rtol=0, atol=0)
+    torch.testing.assert_close(dF, dF1, rtol=1e-12, atol=1e-12)

@@ -17,7 +17,9 @@ from scm_graph.errors import UserError
 from scm_graph.spec import (
     DiTSpec,
     NetSpec,
+    ObjectiveSpec,
     Spec,
+    TrainSpec,
     UNetSpec,
     spec_from_json,
     spec_to_json,
@@ -127,6 +129,16 @@ def test_validate_rejects(sct: Spec, args, needle):
     (["--train.accum", "0"], "train.accum must be >= 1, not 0"),
     (["--train.batch", "12", "--train.accum", "5"], "train.batch 12 does not divide into train.accum 5 micro-batches"),
     (["--train.dist_timeout_s", "0"], "train.dist_timeout_s must be > 0, not 0.0"),
+    (["--net.time_scale", "0"], "net.time_scale must be > 0, not 0.0"),
+    (["--net.time_scale", "-1000"], "net.time_scale must be > 0, not -1000.0"),
+    (["--net.time_scale", "inf"], "net.time_scale must be a finite number, not inf"),
+    (["--train.eval_t_mid", "0"], "train.eval_t_mid must be > 0, not 0.0"),
+    (["--train.eval_t_mid", "-1.1"], "train.eval_t_mid must be > 0, not -1.1"),
+    (["--train.eval_t_mid", "1.6"], "train.eval_t_mid must be below t_max = arctan(80 / objective.sigma_d) = 1.5645, not 1.6"),
+    (["--train.eval_t_mid", "1.5645464081731977"],
+     "train.eval_t_mid must be below t_max = arctan(80 / objective.sigma_d) = 1.5645, not 1.5645464081731977"),
+    (["--objective.sigma_d", "80", "--train.eval_t_mid", "1.1"],
+     "train.eval_t_mid must be below t_max = arctan(80 / objective.sigma_d) = 0.7854, not 1.1"),
 ])
 def test_each_bad_value_is_one_exact_line(sct: Spec, args: list[str], want: str):
     assert one_line_error(validate, apply_overrides(sct, args)) == want
@@ -138,6 +150,8 @@ def test_each_bad_value_is_one_exact_line(sct: Spec, args: list[str], want: str)
     ["--train.seed", "2147483647"], ["--train.device", "cuda:1"], ["--train.device", "mps"], ["--name", "a.b"],
     ["--net.unet.attn_resolutions"], ["--data.mean"], ["--data.std"], ["--train.keep_last", "1"],
     ["--train.progress_every_s", "0.001"], ["--net.dropout", "0"], ["--data.channels", "3"],
+    ["--net.time_scale", "1000"], ["--net.time_scale", "1e-3"], ["--train.eval_t_mid", "1e-6"],
+    ["--train.eval_t_mid", "1.5645464081731975"], ["--objective.sigma_d", "80", "--train.eval_t_mid", "0.78"],
 ])
 def test_edge_values_that_are_valid(sct: Spec, args: list[str]):
     validate(apply_overrides(sct, args))
@@ -193,6 +207,8 @@ def test_wrong_data_types_from_a_spec_file(tmp_path: Path, body: str, want: str)
     (["--data.channels", "2"], ["--data.channels", "'0', '1', '3'"]),
     (["--train.device", "gpu", "--train.seed", "-1"],
      ["error: train.seed must be in [0, 2147483648), not -1 (and 1 more)"]),
+    (["--net.time_scale", "0"], ["error: net.time_scale must be > 0, not 0.0"]),
+    (["--train.eval_t_mid", "2"], ["error: train.eval_t_mid must be below t_max = arctan(80 / objective.sigma_d) = 1.5645, not 2.0"]),
 ])
 def test_train_cli_bad_values(args: list[str], needles: list[str]):
     """`python -m scm_graph.train`: exit 2 and one line, before any shard is opened."""
@@ -309,3 +325,31 @@ def test_label_dropout_of_specs_written_before_it_existed_is_zero():
     del d["objective"]["label_dropout"]
     assert spec_from_json(json.dumps(d)).objective.label_dropout == 0.0
     assert spec_from_json(spec_to_json(Spec())).objective.label_dropout == Spec().objective.label_dropout == 0.1
+
+
+def test_time_scale_and_eval_t_mid_round_trip_and_default_for_older_specs():
+    """Both fields travel in the spec JSON (so in every checkpoint); a spec written before they existed reads as
+    the behaviour it had: c_noise(t) = t and 2-step samples at t_mid = 1.1."""
+    from scm_graph import trigflow
+
+    spec = apply_overrides(Spec(), ["--net.time_scale", "1000", "--train.eval_t_mid", "0.821"])
+    back = spec_from_json(spec_to_json(spec))
+    assert back == spec and (back.net.time_scale, back.train.eval_t_mid) == (1000.0, 0.821)
+    d = json.loads(spec_to_json(Spec()))
+    del d["net"]["time_scale"], d["train"]["eval_t_mid"]
+    old = spec_from_json(json.dumps(d))
+    assert (old.net.time_scale, old.train.eval_t_mid) == (1.0, trigflow.T_MID) and old == Spec()
+
+
+def test_eval_t_mids_bound_is_trigflows_t_max():
+    """validate's t_max (spec.py cannot import trigflow) is trigflow.t_max for any sigma_d."""
+    import math
+
+    from scm_graph import trigflow
+
+    for sigma_d in (0.5, 1.0, 80.0, 400.0):
+        tm = trigflow.t_max(sigma_d)
+        ok = Spec(objective=ObjectiveSpec(sigma_d=sigma_d), train=TrainSpec(eval_t_mid=math.nextafter(tm, 0)))
+        validate(ok)
+        bad = dataclasses.replace(ok, train=TrainSpec(eval_t_mid=tm))
+        assert one_line_error(validate, bad).startswith("train.eval_t_mid must be below t_max")

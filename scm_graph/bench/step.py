@@ -51,14 +51,16 @@ def time_step(spec: Spec, kind: str, compile: bool, batch: int, steps: int, warm
     g = torch.Generator(device=dev).manual_seed(0)
     shape = (batch, d.channels, d.resolution, d.resolution)
     labels = torch.arange(batch, device=dev) % d.num_classes if spec.net.class_conditional else None
+    t = torch.rand(batch, generator=g, device=dev) * 1.5 + 0.01
     inp = StepInputs(
         torch.randn(shape, generator=g, device=dev) * 0.5,
         torch.randn(shape, generator=g, device=dev) * 0.5,
-        torch.rand(batch, generator=g, device=dev) * 1.5 + 0.01,
+        t,
         labels,
         torch.tensor(1, device=dev),
         torch.tensor(0.5, device=dev),
         1 + torch.rand(batch, generator=g, device=dev) if distils_guidance(spec) else None,  # sCD: the CFG scale s
+        t * 0.9 if kind == "ict" else None,  # iCT: the earlier level of each pair
     )
     t0 = time.perf_counter()
     for _ in range(warmup):
@@ -134,7 +136,7 @@ def step_table(rows: list[StepTiming], spec_path: str, spec: Spec, batch: int, d
             vs = _ratio(by.get((kind, p, best)), by.get((kind, "fp32", best)), speed=True)
             lines.append(f"| {kind} | {p} | {cell(e, 'ips')} | {cell(c, 'ips')} | {_ratio(c, e, speed=True)} | {vs} | "
                          f"{cell(e, 'warm')} / {cell(c, 'warm')} |")
-    name = {"sct": "sCT", "scd": "sCD"}[ck]
+    name = {"sct": "sCT", "scd": "sCD", "discrete": "discrete-time sCM", "ict": "iCT"}[ck]
     lines += ["", f"| mode | precision | {name} step time / diffusion step time |", "|---|---|---:|"]
     for mode in modes:
         for p in precisions:

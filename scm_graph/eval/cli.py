@@ -1,6 +1,6 @@
 """`python -m scm_graph.eval`: Frechet metrics of a checkpoint's samples, and reference statistics.
 
-    python -m scm_graph.eval --ckpt run/ckpt.safetensors --steps 1 2                      # digits: fd_digits
+    python -m scm_graph.eval --ckpt run/ckpt.safetensors --steps 1 2 [--t-mid 1.1]        # digits: fd_digits
     python -m scm_graph.eval --ckpt X --steps 1 2 --metric fid fd_dinov2 --ref refs/cifar10.npz [--n 50000]
     python -m scm_graph.eval ref --shards shards/cifar10 --out refs/cifar10.npz [--metric fid fd_dinov2]
 
@@ -20,7 +20,12 @@ from scm_graph.eval.refs import save_refs
 from scm_graph.eval.registry import check_weights, feature_net
 from scm_graph.eval.stream import Split, featurize, real_images
 from scm_graph.paths import output_file
-from scm_graph.sample.generate import check_guidance, load_decoder, load_generator
+from scm_graph.sample.generate import (
+    check_guidance,
+    check_sampler_t_mid,
+    load_decoder,
+    load_generator,
+)
 from scm_graph.train import parallel
 
 FULL_N = 50_000  # the papers' sample count for FID and FD_DINOv2
@@ -60,6 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0, help="sample i's noise is seeded by (seed, i)")
     p.add_argument("--guidance", type=float, default=1.0,
                    help="CFG scale s: a class-conditional diffusion model's guided PF-ODE, or a guidance-distilled sCD student's input (1 = none)")
+    p.add_argument("--t-mid", type=float, default=None,
+                   help="consistency models: the intermediate time of 2 (or more) steps, in (0, t_max) "
+                        "(default: the checkpoint's train.eval_t_mid, 1.1 for older checkpoints)")
     p.add_argument("--floor", action="store_true", help="digits: also report FD(real half, other real half)")
     p.add_argument("--raw", action="store_true", help="evaluate the training weights instead of the EMA")
     p.add_argument("--vae", default="", help="latent models: the VAE folder that decodes samples (default: the one recorded)")
@@ -84,12 +92,13 @@ def main(argv: list[str] | None = None) -> None:
         if a.floor and "fd_digits" not in metrics:
             raise UserError("--floor is the digits FD's floor; add --metric fd_digits")
         check_guidance(g, a.guidance)
+        check_sampler_t_mid(g, a.t_mid)
         check_weights(metrics, weights)
         loaded = load_metrics(g.spec, device, metrics, a.ref, weights)
         g.vae = load_decoder(g.spec, device, a.vae or None)  # latent models: decode before featurising
         n = a.n or (1797 if is_digits(g.spec) else FULL_N)
         rows = evaluate(g, a.steps, n, a.solver, a.seed, a.guidance, loaded, a.batch,
-                        "auto" if world.main and not a.json else "off")
+                        "auto" if world.main and not a.json else "off", t_mid=a.t_mid)
     finally:
         parallel.leave()
     if not world.main:
@@ -110,7 +119,9 @@ def main(argv: list[str] | None = None) -> None:
 
     cols = list(rows[0].values) if rows else []
     labels = {"fd": "digits FD", "fid": "FID", "fd_dinov2": "FD_DINOv2"}
-    table = Table(title=f"{' / '.join(labels[c] for c in cols)}  {a.ckpt}" + (f"  guidance {a.guidance:g}" if a.guidance != 1.0 else ""))
+    t_mid = next((r.t_mid for r in rows if r.t_mid is not None), None)  # one value: every 2+ step row shares it
+    table = Table(title=f"{' / '.join(labels[c] for c in cols)}  {a.ckpt}" + (f"  guidance {a.guidance:g}" if a.guidance != 1.0 else "")
+                  + (f"  t_mid {t_mid:g}" if t_mid is not None else ""))
     for col in ("sampler", "steps", "NFE", *(labels[c] for c in cols), "n", "seconds"):
         table.add_column(col, justify="right")
     for r in rows:

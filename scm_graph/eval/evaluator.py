@@ -34,6 +34,7 @@ class EvalRow:
     n: int
     seconds: float
     guidance: float = 1.0  # the CFG scale s the samples were drawn at
+    t_mid: float | None = None  # consistency sampling's intermediate time (2 or more steps); None otherwise
 
     @property
     def fd(self) -> float:
@@ -41,9 +42,9 @@ class EvalRow:
         return self.values["fd"]
 
     def record(self) -> dict[str, object]:
-        """One flat JSON record: sampler, steps, nfe, each metric's value, n, seconds, guidance."""
+        """One flat JSON record: sampler, steps, nfe, each metric's value, n, seconds, guidance, t_mid (null when unused)."""
         return {"sampler": self.sampler, "steps": self.steps, "nfe": self.nfe, **self.values, "n": self.n,
-                "seconds": self.seconds, "guidance": self.guidance}
+                "seconds": self.seconds, "guidance": self.guidance, "t_mid": self.t_mid}
 
     def log_keys(self) -> dict[str, float]:
         """The values under their metrics.jsonl keys: fd_2step, fid_1step, fd_dinov2_heun32, ..."""
@@ -96,19 +97,24 @@ def load_metrics(spec: Spec, device: torch.device | str, metrics: list[str] | tu
 
 
 def evaluate(g: Generator, steps: list[int], n: int = 1797, solver: str = "heun", seed: int = 0, guidance: float = 1.0,
-             metrics: Metrics | None = None, batch: int = 256, progress: str = "off", split: Split | None = None) -> list[EvalRow]:
+             metrics: Metrics | None = None, batch: int = 256, progress: str = "off", split: Split | None = None,
+             t_mid: float | None = None) -> list[EvalRow]:
     """One row per step count: every metric of `metrics` (default: the digits FD) of n samples. `split`: this
-    process's share (default: the torchrun job's ranks, whose moments are then summed over the job)."""
+    process's share (default: the torchrun job's ranks, whose moments are then summed over the job). `t_mid`:
+    consistency sampling's intermediate time (None: the checkpoint's train.eval_t_mid)."""
     if metrics is None:
         metrics = load_metrics(g.spec, g.device, ["fd_digits"])
     split = split or Split.current()
+    t_mid = g.t_mid if t_mid is None else t_mid
     rows = []
     for s in steps:
         t0 = time.perf_counter()
-        spec = SampleSpec(n, s, solver, seed, guidance, batch)
+        spec = SampleSpec(n, s, solver, seed, guidance, batch, t_mid)
         sampler = "consistency" if g.is_consistency else solver
         moments = featurize(sample_images(g, spec, split), metrics.nets, split.share(n, batch), f"{sampler} {s}", progress)
         merged = {m: mo.all_reduce() if split.size > 1 else mo for m, mo in moments.items()}
         values = {COLUMN[m]: frechet_distance(mo.stats(), metrics.refs[m]) for m, mo in merged.items()}
-        rows.append(EvalRow(sampler, s, nfe(g.is_consistency, s, solver), values, n, time.perf_counter() - t0, guidance))
+        uses_t_mid = g.is_consistency and s > 1
+        rows.append(EvalRow(sampler, s, nfe(g.is_consistency, s, solver), values, n, time.perf_counter() - t0, guidance,
+                            t_mid if uses_t_mid else None))
     return rows

@@ -46,7 +46,8 @@ class Split:
 
 @dataclass(frozen=True)
 class SampleSpec:
-    """What to generate: n samples at `steps` (consistency) or an N-step PF-ODE `solver` (diffusion)."""
+    """What to generate: n samples at `steps` (consistency, t_mid between the first two) or an N-step PF-ODE
+    `solver` (diffusion)."""
 
     n: int
     steps: int
@@ -54,6 +55,8 @@ class SampleSpec:
     seed: int = 0
     guidance: float = 1.0
     batch: int = 256
+    t_mid: float | None = None
+    """Consistency models' intermediate time of 2 or more steps; None = the checkpoint's (train.eval_t_mid)."""
 
 
 def sample_images(g: Generator, s: SampleSpec, split: Split = Split()) -> Iterator[Tensor]:
@@ -64,7 +67,7 @@ def sample_images(g: Generator, s: SampleSpec, split: Split = Split()) -> Iterat
         b = min(s.batch, s.n - start)
         labels = torch.arange(start, start + b) % g.spec.data.num_classes if g.spec.net.class_conditional else None  # label(i) = i mod classes
         x = generate(g, b, steps=s.steps, solver=s.solver, seed=s.seed, batch=b, labels=labels, guidance=s.guidance,
-                     sample_ids=torch.arange(start, start + b))
+                     sample_ids=torch.arange(start, start + b), t_mid=s.t_mid)
         yield to_images(g, x)
 
 

@@ -2,7 +2,8 @@
 
 emb = silu(fc1(silu(fc0(pos(c_noise) + label(one_hot(y)) + guidance(pos(s)))))), computed in float32
 even under autocast (docs/design.md, "Mixed precision"). Time enters through a positional embedding
-of c_noise(t) = t, not large Fourier features (sCM Sec. 4.1).
+of c_noise(t) = t, not large Fourier features (sCM Sec. 4.1); `net.time_scale` makes it time_scale * t,
+applied by `scm_graph.model` before the backbone (the CFG-scale input is not scaled).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ class StepInputs:
     dropout_key: Tensor  # [] int64
     r: Tensor  # [] float32 tangent-warmup ratio in [0, 1]
     guidance: Tensor | None = None  # [B] CFG scales s of guidance distillation (sCD), or None
+    t_prev: Tensor | None = None  # [B] the earlier time of a discrete pair (iCT: t of sigma_i, with t of sigma_{i+1}), or None
 
     def forward_args(self, x_t: Tensor, t: Tensor | None = None) -> tuple:
         """The network's arguments (x_t, t, labels, dropout_key, guidance) at x_t (and t, else these times)."""

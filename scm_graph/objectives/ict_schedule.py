@@ -3,7 +3,8 @@ Models"): the Karras noise grid, the doubling curriculum N(k), the discretised l
 distribution, the 1 / (sigma_{i+1} - sigma_i) weighting, the Pseudo-Huber distance and the consistency
 model's EDM parameterisation with sigma_min. Pure functions of numbers and tensors, no network.
 
-The iCT objective (issue 13) builds on these; until it lands nothing in the train step calls them.
+The EDM parameterisation itself (`cm_coefficients`, and `consistency_fn` in TrigFlow's variables) lives in
+`scm_graph.trigflow`, where the sampler reaches it too; it is re-exported here.
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ import math
 import torch
 from torch import Tensor
 
-SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0  # iCT / EDM
+from scm_graph.trigflow import SIGMA_MIN, cm_coefficients
+from scm_graph.trigflow import ict_consistency_fn as consistency_fn
+
+__all__ = ["SIGMA_MIN", "cm_coefficients", "consistency_fn", "curriculum_steps", "huber_c", "index_probs", "karras_sigmas",
+           "pair_weight", "pseudo_huber"]
+
+SIGMA_MAX, RHO = 80.0, 7.0  # iCT / EDM (sigma_min: trigflow.SIGMA_MIN)
 S0, S1 = 10, 1280  # the curriculum's first and last step counts (iCT Sec. 3.3)
 P_MEAN, P_STD = -1.1, 2.0  # the index distribution's log-normal (iCT Sec. 3.5)
 HUBER_C_PER_SQRT_D = 0.00054  # c = 0.00054 sqrt(D) (iCT Sec. 3.3)
@@ -56,11 +63,3 @@ def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
     """d(a, b) = sqrt(||a - b||^2 + c^2) - c per sample (over every axis but the first)."""
     sq = (a - b).flatten(1).pow(2).sum(1)
     return torch.sqrt(sq + c * c) - c  # sqrt(||a - b||^2 + c^2) - c
-
-
-def cm_coefficients(sigma: Tensor, sigma_d: float, sigma_min: float = SIGMA_MIN) -> tuple[Tensor, Tensor, Tensor]:
-    """(c_skip, c_out, c_in) of f(x, sigma) = c_skip x + c_out F(c_in x, c_noise); f(x, sigma_min) = x exactly."""
-    c_skip = sigma_d**2 / ((sigma - sigma_min) ** 2 + sigma_d**2)  # c_skip = sigma_d^2 / ((sigma - sigma_min)^2 + sigma_d^2)
-    c_out = sigma_d * (sigma - sigma_min) / torch.sqrt(sigma_d**2 + sigma**2)  # c_out = sigma_d (sigma - sigma_min) / sqrt(sigma_d^2 + sigma^2)
-    c_in = 1.0 / torch.sqrt(sigma**2 + sigma_d**2)  # c_in = 1 / sqrt(sigma^2 + sigma_d^2)
-    return c_skip, c_out, c_in

@@ -68,10 +68,12 @@ def tangent_of(F_minus: Tensor, dF: Tensor, x_t: Tensor, dxt: Tensor, t: Tensor,
 
 
 def normalize_tangent(g: Tensor, cfg: ObjectiveSpec) -> tuple[Tensor, Tensor]:
-    """g / (||g|| + c) per sample (Sec. 4.2), or clip to [-1, 1]; also returns ||g||."""
+    """g / (||g|| + c) per sample (Sec. 4.2), or clip to [-1, 1], or g as it is (Fig. 5a); also returns ||g||."""
     norm = g.flatten(1).norm(dim=1)
     if cfg.tangent_clip:
         return g.clamp(-1.0, 1.0), norm
+    if not cfg.tangent_normalize:
+        return g, norm
     return g / trigflow.expand(norm + cfg.tangent_c, g), norm
 
 
@@ -86,9 +88,9 @@ def sct_velocity(x_t: Tensor, inp: StepInputs) -> Tensor:
 
 
 def consistency_loss(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, cfg: ObjectiveSpec,
-                     dxt_of: Callable[[Tensor, StepInputs], Tensor]) -> ObjectiveOut:
+                     dxt_of: Callable[[Tensor, StepInputs], Tensor], tangent_fn: TangentFn | None = None) -> ObjectiveOut:
     """Algorithm 1 with the PF-ODE velocity `dxt_of(x_t, inp)`: the data's estimate (sCT) or a teacher's (sCD)."""
-    prep = consistency_prepare(model, params, inp, cfg, dxt_of)
+    prep = consistency_prepare(model, params, inp, cfg, dxt_of, tangent_fn)
     F = functional_call(model, params, prep.inputs.forward_args(prep.x_t))  # F_theta(x_t / sigma_d, t)
     return consistency_finish(F, w_of(model, params, prep.inputs.t, cfg), prep)
 
@@ -105,17 +107,23 @@ class ConsistencyPrep:
     ok: Tensor  # [B] bool
 
 
+TangentFn = Callable[[nn.Module, dict[str, Tensor], StepInputs, Tensor, Tensor, ObjectiveSpec], tuple[Tensor, Tensor]]
+
+
 def consistency_prepare(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, cfg: ObjectiveSpec,
-                        dxt_of: Callable[[Tensor, StepInputs], Tensor]) -> ConsistencyPrep:
-    """The JVP pass: x_t, F^- and the normalised tangent g; no gradient flows out of any of them."""
+                        dxt_of: Callable[[Tensor, StepInputs], Tensor], tangent_fn: TangentFn | None = None) -> ConsistencyPrep:
+    """The JVP pass: x_t, F^- and the normalised tangent g; no gradient flows out of any of them.
+
+    `tangent_fn(model, params, inp, x_t, dx_t/dt, cfg) -> (F^-, g)`: a finite difference's (discrete-time sCM);
+    None: the JVP's `tangent` (sCT, sCD), looked up at call time."""
     # Non-finite data is masked *before* both passes, so the JVP pass and the gradient pass still see
     # identical inputs (Inductor shares their forward work; masking x_t between them cost 17%).
     ok = finite_samples(inp.x0, inp.z, inp.t)
     inp = StepInputs(zero_unless(ok, inp.x0), zero_unless(ok, inp.z), zero_unless(ok, inp.t), inp.labels, inp.dropout_key,
-                     inp.r, inp.guidance)
+                     inp.r, inp.guidance, inp.t_prev)
     x_t = trigflow.noisy(inp.x0, inp.z, inp.t)  # x_t = cos t x0 + sin t z
     dxt = dxt_of(x_t, inp)  # dx_t/dt
-    F_minus, g = tangent(model, params, inp, x_t, dxt, cfg)
+    F_minus, g = (tangent_fn or tangent)(model, params, inp, x_t, dxt, cfg)
     ok = ok & finite_samples(F_minus, g)  # non-finite tangents are masked, never trained on
     F_minus, g = zero_unless(ok, F_minus), zero_unless(ok, g)
     with fp32_region(g):

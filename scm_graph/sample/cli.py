@@ -1,4 +1,4 @@
-"""`python -m scm_graph.sample --ckpt run/ckpt.safetensors [--steps 2 | --times ...] --out grid.png [--npz x.npz] [--vae DIR]`.
+"""`python -m scm_graph.sample --ckpt run/ckpt.safetensors [--steps 2 [--t-mid T] | --times ...] --out grid.png [--npz x.npz] [--vae DIR]`.
 
 Latent models (trained on SD-VAE latent shards) sample latents and decode them through the VAE the
 checkpoint records (`data.vae`), or the one `--vae` names; the VAE is loaded before sampling starts.
@@ -15,6 +15,7 @@ from scm_graph.errors import ArgumentParser, UserError, cli_main
 from scm_graph.paths import output_file, write_atomic
 from scm_graph.sample.generate import (
     check_guidance,
+    check_sampler_t_mid,
     generate,
     load_decoder,
     load_generator,
@@ -29,6 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ckpt", required=True, help="checkpoint (.safetensors) written by training")
     p.add_argument("--steps", type=int, default=2, help="consistency steps (1, 2, ...) or ODE steps for a diffusion model")
     p.add_argument("--times", type=float, nargs="+", help="explicit sampling times, decreasing (overrides --steps)")
+    p.add_argument("--t-mid", type=float, default=None,
+                   help="consistency models: the intermediate time of 2 (or more) steps, in (0, t_max) "
+                        "(default: the checkpoint's train.eval_t_mid, 1.1 for older checkpoints)")
     p.add_argument("--solver", choices=["heun", "euler"], default="heun", help="PF-ODE solver for diffusion checkpoints")
     p.add_argument("--n", type=int, default=64, help="number of samples")
     p.add_argument("--out", default="grid.png", help="grid PNG to write (its folder is created; an existing file is replaced)")
@@ -66,14 +70,17 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--label must be in [0, {g.spec.data.num_classes}), not {bad[0]}")
         labels = torch.tensor(a.label, dtype=torch.int64).repeat(a.n // len(a.label) + 1)[: a.n]
     check_guidance(g, a.guidance)
+    check_sampler_t_mid(g, a.t_mid, a.times)
     g.vae = load_decoder(g.spec, g.device, a.vae)  # before sampling: a bad folder costs nothing
     x = generate(g, a.n, steps=a.steps, times=a.times, solver=a.solver, seed=a.seed, batch=a.batch, labels=labels,
-                 guidance=a.guidance)
+                 guidance=a.guidance, t_mid=a.t_mid)
     imgs = to_images(g, x)
     save_grid(imgs, out)
     if npz is not None:
         write_atomic(npz, lambda f: np.savez(f, samples=imgs.numpy(), x=x.numpy()))
     what = f"{len(a.times)} given times" if a.times else f"{a.steps} step(s)"
+    if g.is_consistency and not a.times and a.steps > 1:
+        what += f", t_mid {g.t_mid if a.t_mid is None else a.t_mid:g}"
     kind = "consistency" if g.is_consistency else f"PF-ODE {a.solver}" + (f", guidance {a.guidance:g}" if a.guidance != 1.0 else "")
     print(f"wrote {a.out} ({a.n} samples, {kind}, {what}{', ' + a.npz if a.npz else ''})")
 

@@ -20,6 +20,7 @@ from scm_graph.device import pick_device
 from scm_graph.errors import UserError
 from scm_graph.model import TrigFlowModel, build_model, copy_params
 from scm_graph.sample.samplers import (
+    check_t_mid,
     consistency_times,
     ode_times,
     sample_consistency,
@@ -45,6 +46,11 @@ class Generator:
     @property
     def is_consistency(self) -> bool:
         return self.spec.objective.kind != "diffusion"
+
+    @property
+    def t_mid(self) -> float:
+        """The checkpoint's t_mid of 2-step sampling (train.eval_t_mid; 1.1 for checkpoints written before it existed)."""
+        return self.spec.train.eval_t_mid
 
 
 def load_generator(ckpt_path: str | Path, ema: bool = True, device: str = "auto", verify: bool = True) -> Generator:
@@ -75,6 +81,17 @@ def check_guidance(g: Generator, guidance: float) -> None:
                             "model takes no guidance")
 
 
+def check_sampler_t_mid(g: Generator, t_mid: float | None, times: list[float] | None = None, flag: str = "--t-mid") -> None:
+    """One line if `t_mid` (given: not None) is not in (0, t_max), or the model or `times` leave it nothing to set."""
+    if t_mid is None:
+        return
+    if not g.is_consistency:
+        raise UserError(f"{flag} sets consistency sampling's intermediate time; this diffusion model integrates the PF-ODE")
+    if times:
+        raise UserError(f"{flag} and --times exclude each other (--times gives every sampling time)")
+    check_t_mid(t_mid, g.sigma_d, flag)
+
+
 def generate(
     g: Generator,
     n: int,
@@ -87,8 +104,12 @@ def generate(
     labels: Tensor | None = None,
     guidance: float = 1.0,
     sample_ids: Tensor | None = None,
+    t_mid: float | None = None,
 ) -> Tensor:
     """n samples in model units on the CPU. Deterministic in `seed` (noise drawn on the CPU).
+
+    Consistency models sample at `consistency_times(steps, sigma_d, t_mid)`; `t_mid` None is the checkpoint's
+    (`g.t_mid`, train.eval_t_mid). `times` given overrides both.
 
     Class-conditional models get `labels` (default: a spread over all classes); `guidance` s != 1 follows
     the classifier-free-guided velocity (diffusion models; their training used label dropout), or is the
@@ -104,7 +125,8 @@ def generate(
     if times:
         times = [float(t) for t in times] + ([] if g.is_consistency else [0.0])
     else:
-        times = consistency_times(steps, g.sigma_d) if g.is_consistency else ode_times(steps, g.sigma_d)
+        t_mid = g.t_mid if t_mid is None else t_mid
+        times = consistency_times(steps, g.sigma_d, t_mid) if g.is_consistency else ode_times(steps, g.sigma_d)
     gen = torch.Generator().manual_seed(seed)
     k = len(times) if g.is_consistency else 1  # noise draws per sample
     out = []
@@ -119,7 +141,7 @@ def generate(
             noise = list(torch.from_numpy(np.stack(own, axis=1)))
         noise = [z.to(g.device) for z in noise]
         if g.is_consistency:
-            x = sample_consistency(g.model, noise, times, lab, guidance)
+            x = sample_consistency(g.model, noise, times, lab, guidance, ict=g.spec.objective.kind == "ict")
         else:
             x = sample_ode(g.model, noise[0], times, solver, lab, guidance)
         out.append(x.float().cpu())

@@ -20,15 +20,24 @@ from scm_graph.errors import UserError
 from scm_graph.model import TrigFlowModel
 
 
-def consistency_times(steps: int, sigma_d: float) -> list[float]:
-    """1 step: [t_max]; 2 steps: [t_max, 1.1] (sCM); more: t_max then evenly spaced down to 1.1's spacing."""
+def check_t_mid(t_mid: float, sigma_d: float, name: str = "t_mid") -> None:
+    """One-line UserError naming `name` unless 0 < t_mid < t_max (a finite number)."""
+    t_max = trigflow.t_max(sigma_d)
+    if not (math.isfinite(t_mid) and 0 < t_mid < t_max):
+        raise UserError(f"{name} must lie in (0, t_max) = (0, {t_max:.4f}) for sigma_d {sigma_d:g}, not {t_mid}")
+
+
+def consistency_times(steps: int, sigma_d: float, t_mid: float = trigflow.T_MID) -> list[float]:
+    """1 step: [t_max]; 2 steps: [t_max, t_mid] (sCM: t_mid = 1.1); more: t_max, then steps - 1 times from t_mid
+    down in steps of t_mid / steps. UserError unless 0 < t_mid < t_max (steps >= 2)."""
     if steps < 1:
         raise UserError("--steps must be at least 1")
     if steps == 1:
         return [trigflow.t_max(sigma_d)]
+    check_t_mid(t_mid, sigma_d)
     if steps == 2:
-        return [trigflow.t_max(sigma_d), trigflow.T_MID]
-    mids = np.linspace(trigflow.T_MID, 0.0, steps, endpoint=False)
+        return [trigflow.t_max(sigma_d), float(t_mid)]
+    mids = np.linspace(t_mid, 0.0, steps, endpoint=False)
     return [trigflow.t_max(sigma_d)] + [float(t) for t in mids[: steps - 1]]
 
 
@@ -64,15 +73,22 @@ def _F(model: TrigFlowModel, x: Tensor, t: float, labels: Tensor | None, guidanc
 
 @torch.no_grad()
 def sample_consistency(model: TrigFlowModel, noise: list[Tensor], times: list[float], labels: Tensor | None = None,
-                       guidance: float = 1.0) -> Tensor:
+                       guidance: float = 1.0, ict: bool = False) -> Tensor:
     """Multistep consistency sampling; `noise[i]` are unit normals, one per time; `guidance` is the CFG scale
-    input of a guidance-distilled student."""
+    input of a guidance-distilled student. `ict`: an iCT model (EDM consistency function with sigma_min),
+    sampled as iCT does: x = sigma_max n, then x = x0 + sqrt(sigma_i^2 - sigma_min^2) n at each later level."""
     sd = model.sigma_d
-    x = sd * noise[0]  # x ~ N(0, sigma_d^2 I) at t_max
-    x0 = trigflow.consistency_fn(x, _times(x, times[0]), _F(model, x, times[0], labels, guidance), sd)
+    f = trigflow.ict_consistency_fn if ict else trigflow.consistency_fn
+    x = math.sin(times[0]) * sd * noise[0] if ict else sd * noise[0]  # iCT: cos t_max sigma_max n; sCM: N(0, sigma_d^2 I)
+    x0 = f(x, _times(x, times[0]), _F(model, x, times[0], labels, guidance), sd)
     for t_i, n in zip(times[1:], noise[1:]):
-        x = math.cos(t_i) * x0 + math.sin(t_i) * sd * n  # re-noise to t_i: x = cos t_i x0 + sin t_i sigma_d n
-        x0 = trigflow.consistency_fn(x, _times(x, t_i), _F(model, x, t_i, labels, guidance), sd)
+        if ict:
+            sigma = sd * math.tan(t_i)
+            std = math.sqrt(max(sigma**2 - trigflow.SIGMA_MIN**2, 0.0))
+            x = math.cos(t_i) * (x0 + std * n)  # x_edm = x0 + sqrt(sigma_i^2 - sigma_min^2) n, seen as cos t_i x_edm
+        else:
+            x = math.cos(t_i) * x0 + math.sin(t_i) * sd * n  # re-noise to t_i: x = cos t_i x0 + sin t_i sigma_d n
+        x0 = f(x, _times(x, t_i), _F(model, x, t_i, labels, guidance), sd)
     return x0
 
 

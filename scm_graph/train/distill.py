@@ -77,6 +77,9 @@ def check_teacher(t: Spec, s: Spec, path: str) -> None:
                         f"train the student on the teacher's shard set")
     if t.objective.sigma_d != s.objective.sigma_d:
         raise UserError(f"{where} has sigma_d {t.objective.sigma_d}, the student {s.objective.sigma_d}: they must agree")
+    if s.objective.init_from_teacher and t.net.time_scale != s.net.time_scale:  # its weights, another c_noise(t) = s t
+        raise UserError(f"{where} has net.time_scale {t.net.time_scale:g}, the student {s.net.time_scale:g}: a student "
+                        "that starts from the teacher's weights needs the teacher's (or --objective.init_from_teacher false)")
     if s.net.class_conditional:
         if not t.net.class_conditional:
             raise UserError(f"{where} is unconditional; a class-conditional student (guidance distillation) needs a "

@@ -54,6 +54,8 @@ from scm_graph.model import (
     num_params,
 )
 from scm_graph.objectives import StepInputs
+from scm_graph.objectives.discrete import snap_to_grid
+from scm_graph.objectives.ict import draw_pair
 from scm_graph.progress import Progress
 from scm_graph.sample.generate import (
     Generator,
@@ -84,7 +86,7 @@ NONFINITE_PATIENCE = 10  # consecutive steps without an update (non-finite) befo
 
 # Fields a resumed run may change; everything else must match the checkpoint's spec.
 RESUMABLE = {"train.total_images", "train.time_limit_s", "train.log_every_images", "train.sample_every_images", "train.grid_samples",
-             "train.ckpt_every_images", "train.eval_every_images", "train.eval_samples", "train.compile",
+             "train.ckpt_every_images", "train.eval_every_images", "train.eval_samples", "train.eval_t_mid", "train.compile",
              "train.eval_metrics", "train.eval_ref", "train.eval_inception", "train.eval_dinov2", "train.keep_best",
              "train.device", "train.precision", "train.out", "train.keep_last", "train.progress", "train.progress_every_s",
              "data.workers", "data.root", "data.vae",
@@ -93,7 +95,8 @@ RESUMABLE = {"train.total_images", "train.time_limit_s", "train.log_every_images
 
 def draw_inputs(b: Batch, gen: torch.Generator, spec: Spec, step: int, images: int, device: torch.device,
                 world: World | None = None) -> StepInputs:
-    """All randomness of one step, drawn eagerly: z ~ N(0, sigma_d^2), tau ~ N(P_mean, P_std^2).
+    """All randomness of one step, drawn eagerly: z ~ N(0, sigma_d^2), tau ~ N(P_mean, P_std^2) (on the grid of
+    objective.N for 'discrete'; for 'ict' the pair of grid times from the curriculum at this step instead).
 
     `b` is this process's share of the global batch. Every process draws the noise of the *whole* global
     batch from the same generator and keeps its own rows, so a sample's noise, time, label dropout and
@@ -106,8 +109,15 @@ def draw_inputs(b: Batch, gen: torch.Generator, spec: Spec, step: int, images: i
     B = n * world.size  # the global batch
     mine = slice(world.rank * n, (world.rank + 1) * n)  # this process's rows of the global batch
     z = torch.randn((B, *x0.shape[1:]), generator=gen, device=device)[mine] * o.sigma_d
-    tau = torch.randn(B, generator=gen, device=device)[mine] * o.P_std + o.P_mean
-    t = trigflow.sample_t(tau, o.sigma_d)  # t = arctan(e^tau / sigma_d)
+    t_prev = None
+    if o.kind == "ict":  # the pair (sigma_i, sigma_{i+1}) on the curriculum's grid (iCT)
+        total_steps = max(1, spec.train.total_images // spec.train.batch)
+        t, t_prev = (x[mine] for x in draw_pair(gen, B, step, total_steps, o, o.sigma_d, device))
+    else:
+        tau = torch.randn(B, generator=gen, device=device)[mine] * o.P_std + o.P_mean
+        t = trigflow.sample_t(tau, o.sigma_d)  # t = arctan(e^tau / sigma_d)
+        if o.kind == "discrete":
+            t = snap_to_grid(t, o, o.sigma_d)  # t_i = i t_max / N
     labels = b.label.to(device) if (b.label is not None and spec.net.class_conditional) else None
     if labels is not None and o.kind == "diffusion" and o.label_dropout > 0:  # CFG: some labels -> the null class (-1)
         drop = torch.rand(B, generator=gen, device=device)[mine] < o.label_dropout
@@ -118,7 +128,7 @@ def draw_inputs(b: Batch, gen: torch.Generator, spec: Spec, step: int, images: i
     if distils_guidance(spec):  # sCD of a CFG teacher: s ~ U[s_min, s_max] per sample (sCM Sec. 6)
         lo, hi = o.guidance
         guidance = lo + (hi - lo) * torch.rand(B, generator=gen, device=device)[mine]
-    return StepInputs(x0, z, t, labels, key, torch.tensor(r, dtype=torch.float32, device=device), guidance)
+    return StepInputs(x0, z, t, labels, key, torch.tensor(r, dtype=torch.float32, device=device), guidance, t_prev)
 
 
 def eval_metrics(spec: Spec) -> tuple[str, ...]:
@@ -158,10 +168,10 @@ def load_eval(spec: Spec, device: torch.device) -> Metrics | None:
 
 
 def evaluate_metrics(g: Generator, metrics: Metrics, n: int, seed: int = 0) -> dict[str, float]:
-    """The eval metrics of 1- and 2-step samples (consistency) or 32-step Heun (diffusion); under torchrun each
-    process generates its share and every process gets the values."""
+    """The eval metrics of 1- and 2-step samples (consistency; t_mid = train.eval_t_mid) or 32-step Heun
+    (diffusion); under torchrun each process generates its share and every process gets the values."""
     if g.is_consistency:
-        rows = evaluator.evaluate(g, [1, 2], n, seed=seed, metrics=metrics)
+        rows = evaluator.evaluate(g, [1, 2], n, seed=seed, metrics=metrics, t_mid=g.spec.train.eval_t_mid)
     else:
         rows = evaluator.evaluate(g, [32], n, solver="heun", seed=seed, metrics=metrics)
     return {k: v for r in rows for k, v in r.log_keys().items()}
@@ -219,6 +229,10 @@ class Run:
     # --- state in and out -------------------------------------------------------------------
     def _init_from(self, path: str) -> None:
         ckpt = load_checkpoint(path, verify=self.verify)
+        scale = spec_from_json(ckpt.spec_json).net.time_scale
+        if scale != self.spec.net.time_scale:  # same weights, another c_noise(t) = s t: not the network it was
+            raise UserError(f"train.init_from {path} was trained with net.time_scale {scale:g}, this run has "
+                            f"{self.spec.net.time_scale:g}: set net.time_scale {scale:g}")
         try:  # a guidance-distilled student may start from a teacher without the (zero-initialised) guidance input
             copy_params(self.model, ckpt.ema if ckpt.ema is not None else ckpt.net, allow_missing=ZERO_INIT_EXTRAS)
         except ValueError as e:
@@ -305,7 +319,9 @@ class Run:
     def grid(self, ema: dict[str, torch.Tensor] | None = None) -> Path:
         g = self.generator(ema)
         steps = 2 if g.is_consistency else 18
-        images = to_images(g, generate(g, self.spec.train.grid_samples, steps=steps, seed=self.spec.train.seed))  # latent runs: decoded by the VAE
+        t = self.spec.train
+        x = generate(g, t.grid_samples, steps=steps, seed=t.seed, t_mid=t.eval_t_mid)  # 2 steps: [t_max, train.eval_t_mid]
+        images = to_images(g, x)  # latent runs: decoded by the VAE
         self.vae = g.vae  # loaded once
         save_grid(images, self.grid_path())
         return self.grid_path()
@@ -318,9 +334,11 @@ class Run:
         return values
 
     def best_protocol(self) -> dict:
-        """What makes two values of train.keep_best comparable: the key, the sample count and the reference."""
+        """What makes two values of train.keep_best comparable: the key, the sample count, the reference and, for
+        a 2-step key, t_mid."""
         t = self.spec.train
-        return {"key": t.keep_best, "samples": t.eval_samples, "ref": t.eval_ref}
+        protocol = {"key": t.keep_best, "samples": t.eval_samples, "ref": t.eval_ref}
+        return {**protocol, "t_mid": t.eval_t_mid} if t.keep_best.endswith("_2step") else protocol
 
     def best_value(self) -> float:
         """train.keep_best's value in best.safetensors; inf when there is none, or it was measured another way,
@@ -328,7 +346,7 @@ class Run:
         path = self.out / BEST
         if not path.is_file():
             return math.inf
-        best = json.loads(read_metadata(path).get("meta", "{}")).get("best", {})
+        best = {"t_mid": trigflow.T_MID, **json.loads(read_metadata(path).get("meta", "{}")).get("best", {})}  # older: 1.1
         same = all(best.get(k) == v for k, v in self.best_protocol().items()) and best.get("images", math.inf) <= self.images
         return float(best["value"]) if same else math.inf
 

@@ -112,9 +112,9 @@ class TrainStep:
         precision = self.precision
         compile = spec.train.compile if compile is None else compile
 
-        def loss_fn(params, x0, z, t, labels, dropout_key, r, guidance):
+        def loss_fn(params, x0, z, t, labels, dropout_key, r, guidance, t_prev):
             with autocast(device_type, precision):  # inside the compiled function, so Dynamo traces the casts
-                return objective(model, params, StepInputs(x0, z, t, labels, dropout_key, r, guidance), cfg).as_tuple()
+                return objective(model, params, StepInputs(x0, z, t, labels, dropout_key, r, guidance, t_prev), cfg).as_tuple()
 
         self.loss_fn = torch.compile(loss_fn, fullgraph=True, dynamic=False) if compile else loss_fn
         if wrapped is not None:
@@ -122,9 +122,9 @@ class TrainStep:
             self.finish = passes.finish
             self.adaptive = cfg.adaptive_weighting
 
-            def prepare_fn(params, x0, z, t, labels, dropout_key, r, guidance):
+            def prepare_fn(params, x0, z, t, labels, dropout_key, r, guidance, t_prev):
                 with torch.no_grad(), autocast(device_type, precision):
-                    return passes.prepare(plain, params, StepInputs(x0, z, t, labels, dropout_key, r, guidance), cfg)
+                    return passes.prepare(plain, params, StepInputs(x0, z, t, labels, dropout_key, r, guidance, t_prev), cfg)
 
             self.prepare_fn = torch.compile(prepare_fn, fullgraph=True, dynamic=False) if compile else prepare_fn
             self.forward_fn = torch.compile(wrapped.module) if compile else wrapped.module
@@ -132,9 +132,10 @@ class TrainStep:
     def _micro(self, inp: StepInputs) -> ObjectiveOut:
         """The loss of one micro-batch, its gradient pass still to run backward."""
         if self.wrapped is None:
-            return ObjectiveOut(*self.loss_fn(self.params, inp.x0, inp.z, inp.t, inp.labels, inp.dropout_key, inp.r, inp.guidance))
+            return ObjectiveOut(*self.loss_fn(self.params, inp.x0, inp.z, inp.t, inp.labels, inp.dropout_key, inp.r, inp.guidance,
+                                              inp.t_prev))
         full = parallel.full_params(self.model)  # DDP: the weights themselves; FSDP2: gathered (one full copy)
-        prep = self.prepare_fn(full, inp.x0, inp.z, inp.t, inp.labels, inp.dropout_key, inp.r, inp.guidance)
+        prep = self.prepare_fn(full, inp.x0, inp.z, inp.t, inp.labels, inp.dropout_key, inp.r, inp.guidance, inp.t_prev)
         del full
         with autocast(self.device_type, self.precision):
             out = self.forward_fn(*prep.inputs.forward_args(prep.x_t), weight=self.adaptive)

@@ -112,6 +112,9 @@ def test_cli_missing_checkpoint(tmp_path: Path):
     (["--steps", "2", "-1"], "--steps must each be at least 1, not 2 -1"),
     (["--guidance", "nan"], "--guidance must be a finite number >= 0, not nan"),
     (["--guidance", "1.5"], "--guidance needs a class-conditional model; this one is unconditional"),
+    (["--t-mid", "0"], "--t-mid must lie in (0, t_max) = (0, 1.5645) for sigma_d 0.5, not 0.0"),
+    (["--t-mid", "-1"], "--t-mid must lie in (0, t_max) = (0, 1.5645) for sigma_d 0.5, not -1.0"),
+    (["--t-mid", "1.57"], "--t-mid must lie in (0, t_max) = (0, 1.5645) for sigma_d 0.5, not 1.57"),
 ])
 def test_cli_bad_values(sct_ckpt: Path, capsys, args, message):
     with pytest.raises(SystemExit) as e:
@@ -145,3 +148,25 @@ def test_guided_fd_of_a_class_conditional_model(tmp_path: Path, shard_root: Path
     assert row["fd"] == pytest.approx(direct, rel=1e-9)
     plain = ev.evaluate(g, [4], n=80)[0]
     assert plain.guidance == 1.0 and abs(plain.fd - row["fd"]) > 1e-6
+
+
+def test_cli_t_mid_reaches_the_2_step_samples(sct_ckpt: Path, capsys):
+    """--t-mid T: the 2-step row scores samples at [t_max, T] (the same as evaluate(t_mid=T)), not the default's
+    (the checkpoint's train.eval_t_mid, 1.1); the 1-step row has no t_mid and does not change."""
+    g = load_generator(sct_ckpt)
+    ev_cli.main(["--ckpt", str(sct_ckpt), "--steps", "1", "2", "--n", "64", "--json", "--t-mid", "0.8"])
+    ev_cli.main(["--ckpt", str(sct_ckpt), "--steps", "1", "2", "--n", "64", "--json"])
+    one, two, one_default, two_default = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert (one["t_mid"], two["t_mid"], one_default["t_mid"], two_default["t_mid"]) == (None, 0.8, None, 1.1)
+    assert one["fd"] == one_default["fd"] and two["fd"] != two_default["fd"]
+    assert two["fd"] == pytest.approx(ev.evaluate(g, [2], 64, t_mid=0.8)[0].fd, rel=1e-9)
+    assert two_default["fd"] == pytest.approx(ev.evaluate(g, [2], 64)[0].fd, rel=1e-9)
+
+
+def test_cli_t_mid_of_a_diffusion_checkpoint(diffusion_ckpt: Path, capsys):
+    capsys.readouterr()  # a session fixture's training output, if it trained just now
+    with pytest.raises(SystemExit) as e:
+        ev_cli.main(["--ckpt", str(diffusion_ckpt), "--steps", "4", "--t-mid", "0.8"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --t-mid sets consistency sampling's intermediate time; this diffusion model integrates the PF-ODE"]

@@ -146,6 +146,32 @@ def test_tangent_clip_option(tiny_model64):
     assert torch.allclose(out.mse, g.clamp(-1, 1).square().flatten(1).mean(1))
 
 
+def test_tangent_normalisation_off_trains_on_the_raw_tangent(tiny_model64):
+    """objective.tangent_normalize false (sCM Fig. 5a, 'raw tangents'): at theta = theta^- the residual is g itself."""
+    m = tiny_model64
+    params = dict(m.named_parameters())
+    inp = _inputs()
+    x_t = trigflow.noisy(inp.x0, inp.z, inp.t)
+    _, g = tangent(m, params, inp, x_t, trigflow.velocity(inp.x0, inp.z, inp.t), ObjectiveSpec(sigma_d=SD))
+    raw = sct_loss(m, params, inp, ObjectiveSpec(sigma_d=SD, tangent_normalize=False, adaptive_weighting=False))
+    assert torch.allclose(raw.mse, g.square().flatten(1).mean(1), rtol=1e-12)
+    normed = sct_loss(m, params, inp, ObjectiveSpec(sigma_d=SD, adaptive_weighting=False))
+    n = g.flatten(1).norm(dim=1)
+    assert torch.allclose(normed.mse, (n / (n + 0.1)) ** 2 / 64, rtol=1e-10)  # on: ||g / (||g|| + c)||^2 / D
+    clipped = sct_loss(m, params, inp, ObjectiveSpec(sigma_d=SD, tangent_normalize=False, tangent_clip=True, adaptive_weighting=False))
+    assert torch.allclose(clipped.mse, g.clamp(-1, 1).square().flatten(1).mean(1))  # clip wins over off
+
+
+def test_adaptive_weighting_switch(tiny_model64):
+    """objective.adaptive_weighting false: w = 0 and the loss is the plain mean of (1/D)||.||^2; on: e^w mse - w."""
+    m = tiny_model64
+    params = dict(m.named_parameters())
+    off = sct_loss(m, params, _inputs(), ObjectiveSpec(sigma_d=SD, adaptive_weighting=False))
+    on = sct_loss(m, params, _inputs(), ObjectiveSpec(sigma_d=SD))
+    assert torch.equal(off.w, torch.zeros_like(off.w)) and torch.allclose(off.loss, off.mse.mean())
+    assert (on.w != 0).all() and torch.allclose(on.loss, (torch.exp(on.w) * on.mse - on.w).mean())
+
+
 def test_dropout_masks_shared_between_jvp_and_gradient_pass():
     """With keyed dropout, F^- (in the JVP) and F_theta see the same mask: the residual equals -g exactly."""
     from scm_graph.model import build_model

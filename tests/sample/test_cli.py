@@ -317,3 +317,51 @@ def test_cli_guided_sampling_follows_cfg(tmp_path: Path, cond_diffusion_ckpt: Pa
 def test_cli_guidance_errors(request, tmp_path: Path, capsys, which, args, message):
     ckpt = request.getfixturevalue(which)
     assert _main_error(capsys, "--ckpt", str(ckpt), "--out", str(tmp_path / "g.png"), *args) == f"error: {message}"
+
+
+# ----------------------------------------------------------------------------- --t-mid
+
+
+def test_cli_t_mid_reaches_the_sampler(tmp_path: Path, sct_ckpt: Path, capsys):
+    """--t-mid T: the same seed's samples at [t_max, T], not at the default t_mid (the checkpoint's train.eval_t_mid)."""
+    def npz(name, *args):
+        cli.main(["--ckpt", str(sct_ckpt), "--n", "8", "--seed", "3", "--out", str(tmp_path / f"{name}.png"),
+                 "--npz", str(tmp_path / f"{name}.npz"), *args])
+        return _npz(tmp_path / f"{name}.npz")["x"]
+
+    g = load_generator(sct_ckpt)
+    assert g.t_mid == g.spec.train.eval_t_mid == 1.1
+    default, mid = npz("default"), npz("mid", "--t-mid", "0.8")
+    assert "2 step(s), t_mid 1.1" in capsys.readouterr().out.splitlines()[0]
+    assert np.array_equal(default, generate(g, 8, times=[T_MAX, 1.1], seed=3).numpy())
+    assert np.array_equal(mid, generate(g, 8, times=[T_MAX, 0.8], seed=3).numpy())
+    assert not np.array_equal(mid, default)
+    assert np.array_equal(npz("same", "--t-mid", "1.1"), default)
+    # three steps start at t_mid too
+    assert np.array_equal(npz("three", "--steps", "3", "--t-mid", "0.8"),
+                          generate(g, 8, times=[T_MAX, 0.8, 0.8 * 2 / 3], seed=3).numpy())
+
+
+@pytest.mark.parametrize("t_mid", ["0", "-0.5", repr(T_MAX), "2", "nan"])
+def test_cli_t_mid_outside_0_t_max(tmp_path: Path, sct_ckpt: Path, capsys, t_mid):
+    msg = _main_error(capsys, "--ckpt", str(sct_ckpt), "--out", str(tmp_path / "g.png"), "--t-mid", t_mid)
+    assert msg == f"error: --t-mid must lie in (0, t_max) = (0, {T_MAX:.4f}) for sigma_d 0.5, not {float(t_mid)}"
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_cli_t_mid_subprocess_exit_code(tmp_path: Path, sct_ckpt: Path):
+    res = run_cli("scm_graph.sample", "--ckpt", sct_ckpt, "--t-mid", "1.6", "--out", "g.png", cwd=tmp_path, timeout=120)
+    assert_user_error(res, "--t-mid must lie in (0, t_max) = (0, 1.5645)", "not 1.6")
+    assert not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.parametrize("which,args,message", [
+    ("diffusion_ckpt", ["--t-mid", "0.8"],
+     "--t-mid sets consistency sampling's intermediate time; this diffusion model integrates the PF-ODE"),
+    ("sct_ckpt", ["--t-mid", "0.8", "--times", "1.5", "0.8"],
+     "--t-mid and --times exclude each other (--times gives every sampling time)"),
+])
+def test_cli_t_mid_errors(request, tmp_path: Path, capsys, which, args, message):
+    ckpt = request.getfixturevalue(which)
+    capsys.readouterr()  # a session fixture's training output, if it trained just now
+    assert _main_error(capsys, "--ckpt", str(ckpt), "--out", str(tmp_path / "g.png"), *args) == f"error: {message}"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+from scm_graph import trigflow
 from scm_graph.data.normalize import normalize
 from scm_graph.sample.generate import Generator, generate, to_uint8
 from scm_graph.sample.samplers import nfe, ode_times
@@ -40,6 +43,34 @@ def test_generate_times_override_steps():
     assert torch.equal(a, b)
     c = stub("sct")
     assert torch.equal(generate(c, 4, steps=2, seed=2), generate(c, 4, times=[T_MAX, 1.1], seed=2))
+
+
+class TimesSeen(PointMassModel):
+    """The point-mass model, recording the time of each call."""
+
+    def __init__(self, a: torch.Tensor):
+        super().__init__(a, SD)
+        self.times: list[float] = []
+
+    def forward(self, x_t, t, labels=None, dropout_key=None):
+        self.times.append(float(t[0]))
+        return super().forward(x_t, t, labels, dropout_key)
+
+
+def test_generate_t_mid_defaults_to_the_checkpoints_eval_t_mid():
+    """2 steps sample at [t_max, t_mid]: t_mid given, else the spec's train.eval_t_mid (1.1 unless set)."""
+    a = torch.zeros(1, *SHAPE, dtype=torch.float64)
+    for spec_t_mid in (None, 0.9):
+        spec = Spec(data=DataSpec(resolution=SHAPE[-1], channels=SHAPE[0]), objective=ObjectiveSpec(kind="sct", sigma_d=SD))
+        if spec_t_mid is not None:
+            spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, eval_t_mid=spec_t_mid))
+        g = Generator(TimesSeen(a), spec, torch.device("cpu"))
+        assert g.t_mid == (spec_t_mid or trigflow.T_MID) == spec.train.eval_t_mid
+        generate(g, 2, steps=2, seed=0)
+        generate(g, 2, steps=2, seed=0, t_mid=0.7)
+        generate(g, 2, steps=2, seed=0, t_mid=0.7, times=[1.2, 0.4])  # explicit times win
+        want = torch.tensor([T_MAX, g.t_mid, T_MAX, 0.7, 1.2, 0.4], dtype=torch.float32).tolist()  # the noise's dtype
+        assert g.model.times == want
 
 
 def test_to_uint8_inverts_normalize():

@@ -224,6 +224,26 @@ def test_consistency_times():
             ode_times(bad, SD)
 
 
+@pytest.mark.parametrize("t_mid", [0.3, 0.821, 1.1, 1.3, T_MAX - 1e-9])
+def test_consistency_times_take_t_mid(t_mid):
+    """2 steps are exactly [t_max, t_mid]; more start at t_mid below t_max; 1 step ignores it."""
+    assert consistency_times(2, SD, t_mid) == [T_MAX, t_mid]
+    ts = consistency_times(4, SD, t_mid)
+    assert ts[:2] == [T_MAX, t_mid] and len(ts) == 4 and all(a > b > 0 for a, b in zip(ts, ts[1:]))
+    assert np.allclose(np.diff(ts[1:]), -t_mid / 4)  # steps - 1 times from t_mid, spaced t_mid / steps
+    assert consistency_times(1, SD, t_mid) == [T_MAX]
+    assert consistency_times(2, 1.0, min(t_mid, 1.5)) == [math.atan(80.0), min(t_mid, 1.5)]
+
+
+@pytest.mark.parametrize("t_mid", [0.0, -0.5, T_MAX, 2.0, math.nan, math.inf])
+def test_consistency_times_reject_a_t_mid_outside_0_t_max(t_mid):
+    for steps in (2, 3):
+        with pytest.raises(UserError) as e:
+            consistency_times(steps, SD, t_mid)
+        assert str(e.value) == f"t_mid must lie in (0, t_max) = (0, {T_MAX:.4f}) for sigma_d 0.5, not {t_mid}"
+    assert consistency_times(1, SD, t_mid) == [T_MAX]  # one step has no t_mid
+
+
 def test_nfe():
     for n in (1, 2, 7):
         assert nfe(True, n, "heun") == nfe(True, n, "euler") == n

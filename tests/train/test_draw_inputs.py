@@ -136,3 +136,31 @@ def test_no_label_dropout_outside_class_conditional_diffusion():
     b = _batch()
     assert torch.equal(_draw(_spec(class_conditional=True, kind="sct", label_dropout=0.5), b).labels, b.label)
     assert _draw(_spec(class_conditional=False, kind="diffusion", label_dropout=0.5), b).labels is None
+
+
+def test_discrete_times_sit_on_the_grid():
+    """objective.kind 'discrete': t = i t_max / N with i in 1..N, each proposal draw moved up to its grid point."""
+    from scm_graph import trigflow
+
+    spec = _spec(kind="discrete", N=40)
+    inp = _draw(spec, _batch(B=512))
+    plain = _draw(_spec(), _batch(B=512))  # the same generator state: the same proposal draws before the snap
+    dt = trigflow.t_max(SIGMA_D) / 40
+    i = inp.t / dt
+    assert torch.allclose(i, i.round(), atol=1e-4) and i.min() >= 1 - 1e-4 and i.max() <= 40 + 1e-4
+    assert (inp.t >= plain.t - 1e-6).all() and (inp.t - plain.t < dt + 1e-6).all()
+    assert inp.t_prev is None
+
+
+def test_ict_pairs_follow_the_curriculum():
+    """objective.kind 'ict': (t, t_prev) are adjacent levels of the curriculum's Karras grid at this step."""
+    from scm_graph import trigflow
+    from scm_graph.objectives import ict_schedule
+
+    spec = _spec(kind="ict")
+    spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, total_images=16 * 800, batch=16))  # 800 steps
+    for step, n_grid in ((0, 11), (250, 41), (799, 1281)):
+        inp = _draw(spec, step=step)
+        grid = trigflow.trig_t(ict_schedule.karras_sigmas(n_grid), SIGMA_D).float()
+        i = torch.searchsorted(grid, inp.t_prev)
+        assert torch.equal(grid[i], inp.t_prev) and torch.equal(grid[i + 1], inp.t)

@@ -5,6 +5,7 @@ the run at its start with one line."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -53,7 +54,8 @@ def test_best_checkpoint_holds_the_lowest_evaluation_and_its_weights(best_run: P
     evals = [r for r in read_metrics(best_run) if r.get("event") == "eval"]
     best = min(evals, key=lambda e: e["fd_2step"])
     meta = json.loads(read_metadata(best_run / "best.safetensors")["meta"])
-    assert meta["best"] == {"key": "fd_2step", "samples": 48, "ref": "", "value": best["fd_2step"], "images": best["images"]}
+    assert meta["best"] == {"key": "fd_2step", "samples": 48, "ref": "", "t_mid": 1.1, "value": best["fd_2step"],
+                            "images": best["images"]}
     assert meta["eval"] == {k: v for k, v in best.items() if k != "event"}
     ck = load_checkpoint(best_run / "best.safetensors")
     assert ck.images == best["images"]
@@ -74,7 +76,8 @@ def test_resume_keeps_the_best_and_compares_against_it(best_run: Path, shard_roo
     assert [e["images"] for e in evals] == [32, 64, 96, 128, 160]
     after = json.loads(read_metadata(run / "best.safetensors")["meta"])["best"]
     best = min(evals, key=lambda e: e["fd_2step"])
-    assert after == {"key": "fd_2step", "samples": 48, "ref": "", "value": best["fd_2step"], "images": best["images"]}
+    assert after == {"key": "fd_2step", "samples": 48, "ref": "", "t_mid": 1.1, "value": best["fd_2step"],
+                     "images": best["images"]}
     assert after == before if evals[-1]["fd_2step"] >= before["value"] else after["images"] == 160
 
 
@@ -86,6 +89,28 @@ def test_a_best_measured_another_way_is_replaced(best_run: Path, shard_root: Pat
                                            "--optim.lr", "0.01", "--train.eval_samples", "40"), "--resume")
     after = json.loads(read_metadata(run / "best.safetensors")["meta"])["best"]
     assert (after["images"], after["samples"]) == (160, 40)
+
+
+def test_resumed_with_another_eval_t_mid(best_run: Path, shard_root: Path, tmp_path: Path):
+    """train.eval_t_mid may change on --resume: the grid and the evaluation after it sample 2 steps at
+    [t_max, eval_t_mid], and a 2-step best measured at the old t_mid is not comparable, so it is replaced."""
+    from scm_graph.sample.generate import generate, to_images
+    from scm_graph.sample.grid import save_grid
+
+    run = tmp_path / "run"
+    shutil.copytree(best_run, run)
+    train_main("digits_sct.py", *tiny_args(shard_root, run, 160, *EVERY, "--train.keep_best", "fd_2step",
+                                           "--optim.lr", "0.01", "--train.eval_t_mid", "0.8"), "--resume")
+    after = json.loads(read_metadata(run / "best.safetensors")["meta"])["best"]
+    assert (after["images"], after["t_mid"]) == (160, 0.8)
+    g = load_generator(run / "ckpt.safetensors")  # the EMA at 160 images, which the grid and the evaluation used
+    assert g.t_mid == 0.8
+    last = [r for r in read_metrics(run) if r.get("event") == "eval"][-1]
+    assert last["images"] == 160 and last["fd_2step"] == pytest.approx(evaluate(g, [2], 48, t_mid=0.8)[0].fd, rel=1e-9)
+    assert last["fd_2step"] != pytest.approx(evaluate(g, [2], 48, t_mid=1.1)[0].fd, rel=1e-6)
+    save_grid(to_images(g, generate(g, 64, times=[math.atan(80 / g.sigma_d), 0.8], seed=0)),
+              tmp_path / "want.png")
+    assert (run / "grids" / "grid-000000000160.png").read_bytes() == (tmp_path / "want.png").read_bytes()
 
 
 def test_a_fresh_run_sets_a_leftover_best_aside(best_run: Path, shard_root: Path, tmp_path: Path, capsys):

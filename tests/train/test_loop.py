@@ -314,6 +314,16 @@ def test_init_from_mismatched_net(tmp_path: Path, shard_root: Path, diffusion_ck
     assert not (run / "ckpt.safetensors").exists()
 
 
+def test_init_from_another_time_scale(tmp_path: Path, shard_root: Path, diffusion_ckpt: Path):
+    """The same weights with another c_noise(t) = s t are not the network they were: one line, before any work."""
+    a = cli.parse_args([str(SPECS / "digits_sct.py"), *tiny_args(shard_root, tmp_path / "x", 16, "--train.init_from",
+                                                               str(diffusion_ckpt), "--net.time_scale", "1000")])
+    with pytest.raises(UserError) as e:
+        tr.Run(a.spec, a.out, resume=False)
+    assert str(e.value) == (f"train.init_from {diffusion_ckpt} was trained with net.time_scale 1, this run has 1000: "
+                            "set net.time_scale 1")
+
+
 def test_init_from_missing_file(tmp_path: Path, shard_root: Path):
     with pytest.raises(UserError, match="not found"):
         a = cli.parse_args([str(SPECS / "digits_sct.py"),
@@ -388,3 +398,13 @@ def test_resume_ignores_label_dropout_where_it_is_not_read():
     tr.check_resumable(with_("diffusion", 0.0, cond=False), with_("diffusion", 0.1, cond=False), Path("c"))
     with pytest.raises(UserError, match=r"objective.label_dropout differs from the checkpoint c \(0.0 vs 0.1\)"):
         tr.check_resumable(with_("diffusion", 0.0), with_("diffusion", 0.1), Path("c"))
+
+
+def test_resume_may_change_eval_t_mid_but_not_time_scale():
+    """train.eval_t_mid only changes how the run is evaluated (RESUMABLE); net.time_scale changes the network."""
+    base = tiny_spec()
+    t_mid = dataclasses.replace(base, train=dataclasses.replace(base.train, eval_t_mid=0.8))
+    tr.check_resumable(base, t_mid, Path("c"))
+    scaled = dataclasses.replace(base, net=dataclasses.replace(base.net, time_scale=1000.0))
+    with pytest.raises(UserError, match=r"--resume: net.time_scale differs from the checkpoint c \(1.0 vs 1000.0\)"):
+        tr.check_resumable(base, scaled, Path("c"))

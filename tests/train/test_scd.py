@@ -92,6 +92,24 @@ def test_teachers_that_cannot_teach_are_one_line(tmp_path: Path, shard_root: Pat
     assert not out.exists()
 
 
+def test_a_student_from_the_teachers_weights_needs_its_time_scale():
+    """The student's weights start as the teacher's: with another net.time_scale they would see another time
+    input (one line); a student trained from scratch may differ."""
+    import dataclasses
+
+    from scm_graph.specfile import read_spec_file
+    from scm_graph.train.distill import check_teacher
+    from tests.helpers import one_line_error
+
+    t, s = read_spec_file(SPECS / "digits_teacher.py"), read_spec_file(SPECS / "digits_scd.py")
+    check_teacher(t, s, "T")
+    s = dataclasses.replace(s, net=dataclasses.replace(s.net, time_scale=1000.0))
+    assert one_line_error(check_teacher, t, s, "T") == (
+        "objective.teacher T has net.time_scale 1, the student 1000: a student that starts from the teacher's "
+        "weights needs the teacher's (or --objective.init_from_teacher false)")
+    check_teacher(t, dataclasses.replace(s, objective=dataclasses.replace(s.objective, init_from_teacher=False)), "T")
+
+
 EDM_FACTORY = '''
 import torch
 from scm_graph.teacher import EDMPrecond

@@ -14,7 +14,7 @@ from scm_graph.checkpoint import load_checkpoint
 from scm_graph.spec import spec_from_json
 from tests.helpers import SPECS, STEP_KEYS, read_metrics, run_cli, step_records, tiny_args
 
-SMOKE = ["digits_sct", "digits_diffusion", "cifar10_sct", "cifar10_diffusion", "my_images_sct"]
+SMOKE = ["digits_sct", "digits_diffusion", "cifar10_sct", "cifar10_diffusion", "my_images_sct", "digits_ict", "cifar10_ict"]
 ATTN_SMOKE = ["digits_sct_attn", "digits_dit"]  # test_smoke_run_attention_nets_bf16
 SCD_SMOKE = {"digits_teacher": None, "digits_scd": "digits_teacher", "cifar10_scd": "cifar10_diffusion"}  # spec: its teacher
 
@@ -69,7 +69,7 @@ def test_smoke_run(tmp_path: Path, shard_root: Path, name: str):
     ck = load_checkpoint(run / "ckpt.safetensors")
     spec = spec_from_json(ck.spec_json)
     assert (ck.step, ck.images) == (steps, 16 * steps) and ck.ema is not None and ck.optim is not None
-    assert ck.meta["objective"] == spec.objective.kind == ("diffusion" if "diffusion" in name else "sct")
+    assert ck.meta["objective"] == spec.objective.kind == next(k for k in ("diffusion", "ict", "sct") if k in name or k == "sct")
     assert (spec.data.channels, spec.data.resolution) == ((1, 8) if digits else (3, 32))
 
     recs = read_metrics(run)
@@ -138,3 +138,16 @@ def test_smoke_run_distillation(tmp_path: Path, shard_root: Path, name: str):
     recs = step_records(tmp_path / "run")
     assert sorted(recs) == [1, 2, 3] and all(math.isfinite(r["loss"]) and r["nonfinite"] == 0 for r in recs.values())
     assert (len([r for r in read_metrics(tmp_path / "run") if r.get("event") == "eval"]) == 1) == digits
+
+
+@pytest.mark.slow
+def test_smoke_run_discrete_time_scm(tmp_path: Path, shard_root: Path):
+    """digits_sct with `--objective.kind discrete --objective.N 40` (sCM Fig. 5c's discrete-time sCM) trains and samples."""
+    run = tmp_path / "run"
+    cli.main([str(SPECS / "digits_sct.py"), *tiny_args(shard_root, run, 32, "--objective.kind", "discrete", "--objective.N", "40")])
+    ck = load_checkpoint(run / "ckpt.safetensors")
+    spec = spec_from_json(ck.spec_json)
+    assert (spec.objective.kind, spec.objective.N, ck.step) == ("discrete", 40, 2)
+    recs = step_records(run)
+    assert all(math.isfinite(r["loss"]) and r["tangent_norm"] > 0 and r["skipped"] == 0 for r in recs.values())
+    assert {"fd_1step", "fd_2step"} <= read_metrics(run)[-1].keys()

@@ -316,9 +316,9 @@ def test_compiled_sct_step_with_attention_uses_fused_op(net: str, precision: str
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sct", "diffusion"])
+@pytest.mark.parametrize("kind", ["sct", "diffusion", "discrete", "ict"])
 def test_compiled_step_matches_eager(kind: str):
-    spec = tiny_spec(dropout=0.1 if kind == "sct" else 0.0)
+    spec = tiny_spec(dropout=0.0 if kind == "diffusion" else 0.1)
     spec = dataclasses.replace(spec, objective=ObjectiveSpec(kind=kind))
     torch.manual_seed(0)
     eager_model = build_model(spec).train()
@@ -333,13 +333,14 @@ def test_compiled_step_matches_eager(kind: str):
         x0 = torch.randn(8, 1, 8, 8, generator=g) * 0.5
         z = torch.randn(8, 1, 8, 8, generator=g) * 0.5
         t = torch.rand(8, generator=g) * 1.5 + 0.02
-        inp = StepInputs(x0, z, t, None, torch.tensor(1000 + i), torch.tensor(0.5))
+        t_prev = t * 0.8 if kind == "ict" else None  # iCT: the earlier level of the pair
+        inp = StepInputs(x0, z, t, None, torch.tensor(1000 + i), torch.tensor(0.5), None, t_prev)
         a, b = eager(inp), compiled(inp)
         assert torch.isfinite(a.loss) and a.loss.item() != 0
         assert abs(a.loss.item() - b.loss.item()) <= 1e-5 * abs(a.loss.item()), (i, a.loss, b.loss)
         torch.testing.assert_close(b.mse, a.mse, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(b.grad_norm, a.grad_norm, rtol=1e-5, atol=1e-7)
-        if kind == "sct":
+        if kind in ("sct", "discrete"):
             torch.testing.assert_close(b.tangent_norm, a.tangent_norm, rtol=1e-5, atol=1e-7)
     pa, pb = dict(eager_model.named_parameters()), dict(compiled_model.named_parameters())
     init = dict(build_model(spec).named_parameters())
