@@ -282,8 +282,8 @@ def main(argv: list[str] | None = None) -> None:
 
     g = load_generator(a.ckpt, ema=not a.raw, device=a.device, verify=not a.ignore_checksum)
     spec, cfg = g.spec, g.spec.objective
-    if cfg.kind not in ("sct", "scd"):
-        raise UserError(f"{a.ckpt} is a {cfg.kind!r} checkpoint; diagnose needs a consistency model (sct or scd)")
+    if cfg.kind not in ("sct", "scd", "discrete"):
+        raise UserError(f"{a.ckpt} is a {cfg.kind!r} checkpoint; diagnose needs a TrigFlow consistency model (sct, scd or discrete)")
     dxt_of = velocity_of(spec, g.device, a.teacher, not a.ignore_checksum)
     x0, labels = real_batch(spec, a.data_root, a.n, a.seed)
     gen = torch.Generator().manual_seed(a.seed)

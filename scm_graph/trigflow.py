@@ -105,8 +105,12 @@ def cm_coefficients(sigma: Tensor, sigma_d: float, sigma_min: float = SIGMA_MIN)
 
 
 def ict_consistency_fn(x_t: Tensor, t: Tensor, F: Tensor, sigma_d: float, sigma_min: float = SIGMA_MIN) -> Tensor:
-    """f(x_edm, sigma) = c_skip x_edm + c_out F for a network that saw x_t = cos t x_edm at t = arctan(sigma / sigma_d)
-    (its input x_t / sigma_d is then c_in x_edm, so a TrigFlow backbone serves unchanged)."""
+    """f(x_edm, sigma) = c_skip x_edm + c_out F_edm for a network that saw x_t = cos t x_edm at t = arctan(sigma / sigma_d)
+    (its input x_t / sigma_d is then c_in x_edm, so a TrigFlow backbone serves unchanged).
+
+    The network's output is F = -F_edm, TrigFlow's sign: then f ~ cos t x_t - sin t sigma_d F as in TrigFlow (equal
+    up to the sigma_min shift), so a TrigFlow checkpoint (diffusion pretraining) starts an iCT run from the same function.
+    """
     tt = expand(t, x_t)
     c_skip, c_out, _ = cm_coefficients(sigma_d * torch.tan(tt), sigma_d, sigma_min)  # sigma = sigma_d tan t
-    return c_skip * (x_t / torch.cos(tt)) + c_out * F  # f = c_skip x_edm + c_out F(c_in x_edm, c_noise)
+    return c_skip * (x_t / torch.cos(tt)) - c_out * F  # f = c_skip x_edm + c_out F_edm(c_in x_edm, c_noise), F_edm = -F

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         if a.floor and "fd_digits" not in metrics:
             raise UserError("--floor is the digits FD's floor; add --metric fd_digits")
         check_guidance(g, a.guidance)
-        check_sampler_t_mid(g, a.t_mid)
+        check_sampler_t_mid(g, a.t_mid, steps=list(a.steps))
         check_weights(metrics, weights)
         loaded = load_metrics(g.spec, device, metrics, a.ref, weights)
         g.vae = load_decoder(g.spec, device, a.vae or None)  # latent models: decode before featurising

@@ -8,7 +8,9 @@ with x_{t'} = cos t' x0 + sin t' z on the same data and noise (consistency train
 earlier point, sCM Sec. 2). The analytic parts of the tangent (cos t, sin t, dx_t/dt) stay exact. As
 N grows the gradient tends to sCT's (tests/objectives/test_discrete.py checks it in float64).
 
-The train loop puts t on the grid t_i = i t_max / N (i = 1..N), so t' is the grid point below.
+The train loop puts t on the grid t_i = i t_max / N (i = 1..N), so t' is the grid point below. Under bf16 / fp16
+autocast the two forwards still run in float32: in half precision the difference of two nearly equal outputs
+is mostly rounding (2^-8 of |F| over t_max / N), which would measure the precision, not the discretisation.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch.func import functional_call
 from scm_graph import trigflow
 from scm_graph.objectives.common import ObjectiveOut, StepInputs
 from scm_graph.objectives.sct import consistency_loss, sct_velocity, tangent_of
+from scm_graph.precision import fp32_region
 from scm_graph.spec import ObjectiveSpec
 
 
@@ -42,7 +45,7 @@ def finite_difference_tangent(model: nn.Module, params: dict[str, Tensor], inp: 
     theta_minus = {k: v.detach() for k, v in params.items()}
     t_prev = (t - grid_step(cfg, model.sigma_d)).clamp_min(0.0)  # t' = max(t - Delta t, 0)
     x_prev = trigflow.noisy(inp.x0, inp.z, t_prev)  # x_{t'} = cos t' x0 + sin t' z: the same x0 and z
-    with torch.no_grad():
+    with torch.no_grad(), fp32_region(x_t):  # float32 even under bf16 autocast: a half-precision difference is mostly rounding
         F_minus = functional_call(model, theta_minus, inp.forward_args(x_t)).to(x_t.dtype)
         F_prev = functional_call(model, theta_minus, inp.forward_args(x_prev, t_prev)).to(x_t.dtype)
     cos, sin = torch.cos(t), torch.sin(t)

@@ -1,9 +1,9 @@
 """iCT: discrete-time consistency training (Song & Dhariwal 2023), on our networks.
 
 The consistency function is the EDM parameterisation with sigma_min (`ict_schedule.consistency_fn`):
-f(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in x, c_noise), f(x, sigma_min) = x. Our networks take
+f(x, sigma) = c_skip(sigma) x + c_out(sigma) F_edm(c_in x, c_noise), f(x, sigma_min) = x. Our networks take
 x_t = cos t x_edm with sigma = sigma_d tan t and see x_t / sigma_d = c_in x_edm, so the same backbone
-serves: only the output combination differs from TrigFlow's. Per sample, with the pair
+serves: only the output combination differs from TrigFlow's (and the network's F is -F_edm, TrigFlow's sign). Per sample, with the pair
 (sigma_i, sigma_{i+1}) drawn by the train loop (`draw_pair`: the curriculum's Karras grid and the
 discretised log-normal) and one shared noise z,
     L = lambda(sigma_i) d(f_theta(x0 + sigma_{i+1} n, sigma_{i+1}), f_theta^-(x0 + sigma_i n, sigma_i)),
@@ -59,8 +59,9 @@ def ict_prepare(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, cf
         target = ict_schedule.consistency_fn(x_prev, inp.t_prev, F_prev, sd)  # f_theta^-(x_i, sigma_i)
         ok = ok & finite_samples(target)
         target = zero_unless(ok, target)
-        gap = trigflow.edm_sigma(inp.t, sd) - trigflow.edm_sigma(inp.t_prev, sd)  # sigma_{i+1} - sigma_i
-        weight = torch.where(ok, 1.0 / gap.clamp_min(torch.finfo(gap.dtype).tiny), 0.0)  # lambda = 1 / (sigma_{i+1} - sigma_i)
+        wide = torch.float32 if inp.t.device.type == "mps" else torch.float64  # float32 t near pi/2: the gap needs more bits
+        gap = trigflow.edm_sigma(inp.t.to(wide), sd) - trigflow.edm_sigma(inp.t_prev.to(wide), sd)  # sigma_{i+1} - sigma_i
+        weight = torch.where(ok, 1.0 / gap.clamp_min(torch.finfo(gap.dtype).tiny), 0.0).to(x_t.dtype)  # lambda = 1 / (sigma_{i+1} - sigma_i)
     huber_c = cfg.ict_huber * math.sqrt(x_t[0].numel())  # c = 0.00054 sqrt(D)
     return ICTPrep(inp, x_t, target.detach(), weight.detach(), ok, huber_c, sd)
 

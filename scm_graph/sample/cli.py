@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--label must be in [0, {g.spec.data.num_classes}), not {bad[0]}")
         labels = torch.tensor(a.label, dtype=torch.int64).repeat(a.n // len(a.label) + 1)[: a.n]
     check_guidance(g, a.guidance)
-    check_sampler_t_mid(g, a.t_mid, a.times)
+    check_sampler_t_mid(g, a.t_mid, a.times, steps=[a.steps])
     g.vae = load_decoder(g.spec, g.device, a.vae)  # before sampling: a bad folder costs nothing
     x = generate(g, a.n, steps=a.steps, times=a.times, solver=a.solver, seed=a.seed, batch=a.batch, labels=labels,
                  guidance=a.guidance, t_mid=a.t_mid)

@@ -81,14 +81,18 @@ def check_guidance(g: Generator, guidance: float) -> None:
                             "model takes no guidance")
 
 
-def check_sampler_t_mid(g: Generator, t_mid: float | None, times: list[float] | None = None, flag: str = "--t-mid") -> None:
-    """One line if `t_mid` (given: not None) is not in (0, t_max), or the model or `times` leave it nothing to set."""
+def check_sampler_t_mid(g: Generator, t_mid: float | None, times: list[float] | None = None, flag: str = "--t-mid",
+                        steps: list[int] | None = None) -> None:
+    """One line if `t_mid` (given: not None) is not in (0, t_max), or the model, `times` or `steps` (none above 1)
+    leave it nothing to set."""
     if t_mid is None:
         return
     if not g.is_consistency:
         raise UserError(f"{flag} sets consistency sampling's intermediate time; this diffusion model integrates the PF-ODE")
     if times:
         raise UserError(f"{flag} and --times exclude each other (--times gives every sampling time)")
+    if steps is not None and max(steps) < 2:
+        raise UserError(f"{flag} sets the time of the second step; --steps 1 has none")
     check_t_mid(t_mid, g.sigma_d, flag)
 
 

@@ -410,6 +410,9 @@ def check_resumable(saved: Spec, now: Spec, path: Path) -> None:
     for k, v in a.items():
         if v != b[k] and k not in RESUMABLE and not any(k.startswith(u) for u in unused):
             raise UserError(f"--resume: {k} differs from the checkpoint {path} ({v!r} vs {b[k]!r})")
+    if now.objective.kind == "ict" and saved.train.total_images != now.train.total_images:  # iCT's N(k) spans the run
+        raise UserError(f"--resume: iCT's curriculum is laid out over train.total_images; it cannot change from "
+                        f"{saved.train.total_images} (checkpoint {path}) to {now.train.total_images}")
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, object]:

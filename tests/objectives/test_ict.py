@@ -26,12 +26,13 @@ def _pair_inputs(sig_next=(0.2, 1.5, 20.0), sig_prev=(0.002, 1.1, 14.0)):
 
 
 def _edm_f(m, params, x_edm, sigma, labels):
-    """The paper's f(x, sigma) = c_skip x + c_out F(c_in x, c_noise), the network called on c_in x directly."""
+    """The paper's f(x, sigma) = c_skip x + c_out F_edm(c_in x, c_noise), the network called on c_in x directly;
+    our network's output is F_edm's negative (TrigFlow's sign)."""
     c_skip, c_out, c_in = (c.reshape(-1, 1, 1, 1) for c in trigflow.cm_coefficients(sigma, SD))
     t = trigflow.trig_t(sigma, SD)
     F = torch.func.functional_call(m.net, {k[4:]: v for k, v in params.items() if k.startswith("net.")},
                                    (c_in * x_edm, trigflow.c_noise(t), labels, None, None))
-    return c_skip * x_edm + c_out * F
+    return c_skip * x_edm - c_out * F
 
 
 def test_consistency_fn_is_the_edm_parameterisation(tiny_model64):
@@ -48,6 +49,17 @@ def test_consistency_fn_is_the_edm_parameterisation(tiny_model64):
     t_min = trigflow.trig_t(torch.full((3,), trigflow.SIGMA_MIN, dtype=torch.float64), SD)
     x = torch.cos(t_min).reshape(-1, 1, 1, 1) * inp.x0
     assert torch.allclose(trigflow.ict_consistency_fn(x, t_min, torch.randn_like(x), SD), inp.x0, rtol=1e-12, atol=1e-14)
+
+
+def test_the_network_keeps_trigflows_sign():
+    """f_iCT(x_t, t, F) ~ f_TrigFlow(x_t, t, F) = cos t x_t - sin t sigma_d F (equal but for the sigma_min shift), so a
+    TrigFlow checkpoint starts an iCT run from the same consistency function, not its mirror image."""
+    g = torch.Generator().manual_seed(0)
+    x, F = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64), torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    t = trigflow.trig_t(torch.tensor([0.05, 0.5, 5.0, 80.0], dtype=torch.float64), SD)
+    diff = (trigflow.ict_consistency_fn(x, t, F, SD) - trigflow.consistency_fn(x, t, F, SD)).abs().max().item()
+    flipped = (trigflow.ict_consistency_fn(x, t, -F, SD) - trigflow.consistency_fn(x, t, F, SD)).abs().max().item()
+    assert diff < 3e-2 < 1.0 < flipped, (diff, flipped)  # the sigma_min shift: ~1e-2 on unit-scale x and F
 
 
 def test_loss_matches_the_paper_formula(tiny_model64):

@@ -360,6 +360,7 @@ def test_cli_t_mid_subprocess_exit_code(tmp_path: Path, sct_ckpt: Path):
      "--t-mid sets consistency sampling's intermediate time; this diffusion model integrates the PF-ODE"),
     ("sct_ckpt", ["--t-mid", "0.8", "--times", "1.5", "0.8"],
      "--t-mid and --times exclude each other (--times gives every sampling time)"),
+    ("sct_ckpt", ["--t-mid", "0.8", "--steps", "1"], "--t-mid sets the time of the second step; --steps 1 has none"),
 ])
 def test_cli_t_mid_errors(request, tmp_path: Path, capsys, which, args, message):
     ckpt = request.getfixturevalue(which)

@@ -408,3 +408,15 @@ def test_resume_may_change_eval_t_mid_but_not_time_scale():
     scaled = dataclasses.replace(base, net=dataclasses.replace(base.net, time_scale=1000.0))
     with pytest.raises(UserError, match=r"--resume: net.time_scale differs from the checkpoint c \(1.0 vs 1000.0\)"):
         tr.check_resumable(base, scaled, Path("c"))
+
+
+def test_resume_keeps_icts_curriculum():
+    """iCT's N(k) is laid out over train.total_images: a resume may not change it (sCT runs may be extended)."""
+    base = tiny_spec()
+    def with_(kind: str, images: int):
+        return dataclasses.replace(base, objective=dataclasses.replace(base.objective, kind=kind),
+                                   train=dataclasses.replace(base.train, total_images=images))
+    tr.check_resumable(with_("sct", 64_000), with_("sct", 128_000), Path("c"))
+    tr.check_resumable(with_("ict", 64_000), with_("ict", 64_000), Path("c"))
+    with pytest.raises(UserError, match=r"iCT's curriculum .* cannot change from 64000 \(checkpoint c\) to 128000"):
+        tr.check_resumable(with_("ict", 64_000), with_("ict", 128_000), Path("c"))
