@@ -172,7 +172,7 @@ def test_bad_input_is_one_line(case: str, sct_ckpt: Path, tmp_path: Path, capsys
 def test_diffusion_checkpoint_is_refused(diffusion_ckpt: Path, tmp_path: Path, capsys):
     with pytest.raises(SystemExit):
         dg.main(["--ckpt", str(diffusion_ckpt), "--out", str(tmp_path / "d.png"), "--out-json", str(tmp_path / "d.json")])
-    assert "diagnose needs a consistency model" in capsys.readouterr().err
+    assert "diagnose needs a TrigFlow consistency model (sct, scd or discrete)" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -219,7 +219,8 @@ def _cli_words(leaf: Leaf, value: Any) -> list[str]:
 
 # Fields whose valid values depend on another field's (cross-field rules, tested in tests/test_spec.py):
 # a value in range alone may still break a rule (scd without a teacher, a batch that accum does not divide).
-JOINED = ("data.mean", "data.std", "objective.kind", "objective.guidance", "train.batch", "train.accum")
+JOINED = ("data.mean", "data.std", "objective.kind", "objective.guidance", "train.batch", "train.accum",
+          "objective.ict_steps", "train.eval_t_mid", "objective.sigma_d")  # s0 <= s1; eval_t_mid < t_max(sigma_d)
 
 
 @st.composite
