@@ -14,7 +14,6 @@ With objective.adaptive_weighting the per-sample loss also goes through e^w L - 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -62,8 +61,8 @@ def ict_prepare(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, cf
         wide = torch.float32 if inp.t.device.type == "mps" else torch.float64  # float32 t near pi/2: the gap needs more bits
         gap = trigflow.edm_sigma(inp.t.to(wide), sd) - trigflow.edm_sigma(inp.t_prev.to(wide), sd)  # sigma_{i+1} - sigma_i
         weight = torch.where(ok, 1.0 / gap.clamp_min(torch.finfo(gap.dtype).tiny), 0.0).to(x_t.dtype)  # lambda = 1 / (sigma_{i+1} - sigma_i)
-    huber_c = cfg.ict_huber * math.sqrt(x_t[0].numel())  # c = 0.00054 sqrt(D)
-    return ICTPrep(inp, x_t, target.detach(), weight.detach(), ok, huber_c, sd)
+    c = ict_schedule.huber_c(x_t[0].numel(), cfg.ict_huber)  # c = 0.00054 sqrt(D)
+    return ICTPrep(inp, x_t, target.detach(), weight.detach(), ok, c, sd)
 
 
 def ict_finish(F: Tensor, w: Tensor, prep: ICTPrep) -> ObjectiveOut:

@@ -54,9 +54,9 @@ def pair_weight(sigmas: Tensor, i: Tensor) -> Tensor:
     return 1.0 / (sigmas[i + 1] - sigmas[i])  # lambda = 1 / (sigma_{i+1} - sigma_i)
 
 
-def huber_c(dim: int) -> float:
-    """The Pseudo-Huber constant c = 0.00054 sqrt(D) for data of D numbers per sample."""
-    return HUBER_C_PER_SQRT_D * math.sqrt(dim)
+def huber_c(dim: int, per_sqrt_d: float = HUBER_C_PER_SQRT_D) -> float:
+    """The Pseudo-Huber constant c = 0.00054 sqrt(D) for data of D numbers per sample (`objective.ict_huber` per sqrt D)."""
+    return per_sqrt_d * math.sqrt(dim)  # c = 0.00054 sqrt(D)
 
 
 def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
