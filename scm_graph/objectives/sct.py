@@ -43,19 +43,23 @@ def tangent(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, x_t: T
     return F_minus, tangent_of(F_minus, dF, x_t, dxt, inp.t, inp.r, model.sigma_d)
 
 
-def tangent_jvp(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, x_t: Tensor, dxt: Tensor) -> tuple[Tensor, Tensor]:
-    """(F^-, dF = cos t sin t dF^-/dt along (dx_t/dt, 1)), detached, in x_t's dtype: the JVP of `tangent`."""
+def tangent_jvp(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, x_t: Tensor, dxt: Tensor,
+                keep_grad: bool = False) -> tuple[Tensor, Tensor]:
+    """(F^-, dF = cos t sin t dF^-/dt along (dx_t/dt, 1)) in x_t's dtype: the JVP of `tangent`. dF is detached;
+    so is F^- unless `keep_grad`, when the JVP runs on `params` themselves and its primal output is F_theta(x_t, t)
+    of the gradient pass, differentiable in the weights (the same forward, so the same value and dropout masks)."""
     t = inp.t
-    theta_minus = {k: v.detach() for k, v in params.items()}
+    theta = params if keep_grad else {k: v.detach() for k, v in params.items()}
     cos, sin = torch.cos(t), torch.sin(t)
 
-    def F_minus_fn(x: Tensor, t_in: Tensor) -> Tensor:
-        return functional_call(model, theta_minus, inp.forward_args(x, t_in))  # F_theta^-(x / sigma_d, t)
+    def F_fn(x: Tensor, t_in: Tensor) -> Tensor:
+        return functional_call(model, theta, inp.forward_args(x, t_in))  # F_theta(x / sigma_d, t)
 
     cs = trigflow.expand(cos * sin, x_t)
     # JVP along (dx_t/dt, 1), pre-scaled by cos t sin t (Sec. 5.1 rearrangement); the model divides by sigma_d
-    F_minus, dF = jvp(F_minus_fn, (x_t, t), (cs * dxt, cos * sin))
-    return F_minus.detach().to(x_t.dtype), dF.detach().to(x_t.dtype)  # out of half precision at once
+    F, dF = jvp(F_fn, (x_t, t), (cs * dxt, cos * sin))
+    F = F.to(x_t.dtype) if keep_grad else F.detach().to(x_t.dtype)  # out of half precision at once
+    return F, dF.detach().to(x_t.dtype)
 
 
 def tangent_of(F_minus: Tensor, dF: Tensor, x_t: Tensor, dxt: Tensor, t: Tensor, r: Tensor, sigma_d: float) -> Tensor:
@@ -90,8 +94,9 @@ def sct_velocity(x_t: Tensor, inp: StepInputs) -> Tensor:
 def consistency_loss(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, cfg: ObjectiveSpec,
                      dxt_of: Callable[[Tensor, StepInputs], Tensor], tangent_fn: TangentFn | None = None) -> ObjectiveOut:
     """Algorithm 1 with the PF-ODE velocity `dxt_of(x_t, inp)`: the data's estimate (sCT) or a teacher's (sCD)."""
-    prep = consistency_prepare(model, params, inp, cfg, dxt_of, tangent_fn)
-    F = functional_call(model, params, prep.inputs.forward_args(prep.x_t))  # F_theta(x_t / sigma_d, t)
+    prep, F = _prepare(model, params, inp, cfg, dxt_of, tangent_fn, fuse=tangent_fn is None and torch.is_grad_enabled())
+    if F is None:  # a finite-difference tangent: F_theta needs its own forward
+        F = functional_call(model, params, prep.inputs.forward_args(prep.x_t))  # F_theta(x_t / sigma_d, t)
     return consistency_finish(F, w_of(model, params, prep.inputs.t, cfg), prep)
 
 
@@ -116,6 +121,14 @@ def consistency_prepare(model: nn.Module, params: dict[str, Tensor], inp: StepIn
 
     `tangent_fn(model, params, inp, x_t, dx_t/dt, cfg) -> (F^-, g)`: a finite difference's (discrete-time sCM);
     None: the JVP's `tangent` (sCT, sCD), looked up at call time."""
+    return _prepare(model, params, inp, cfg, dxt_of, tangent_fn, fuse=False)[0]
+
+
+def _prepare(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, cfg: ObjectiveSpec,
+             dxt_of: Callable[[Tensor, StepInputs], Tensor], tangent_fn: TangentFn | None, fuse: bool) -> tuple[ConsistencyPrep, Tensor | None]:
+    """`consistency_prepare`, and with `fuse` (JVP tangents only) also F_theta(x_t, t) with its gradient: the JVP's
+    primal output, taken on the trained weights, so the gradient pass needs no forward of its own (one JVP and one
+    backward per step). F^- is its detached value, bit for bit what a second forward would give."""
     # Non-finite data is masked *before* both passes, so the JVP pass and the gradient pass still see
     # identical inputs (Inductor shares their forward work; masking x_t between them cost 17%).
     ok = finite_samples(inp.x0, inp.z, inp.t)
@@ -123,12 +136,18 @@ def consistency_prepare(model: nn.Module, params: dict[str, Tensor], inp: StepIn
                      inp.r, inp.guidance, inp.t_prev)
     x_t = trigflow.noisy(inp.x0, inp.z, inp.t)  # x_t = cos t x0 + sin t z
     dxt = dxt_of(x_t, inp)  # dx_t/dt
-    F_minus, g = (tangent_fn or tangent)(model, params, inp, x_t, dxt, cfg)
+    F = None
+    if fuse:
+        F, dF = tangent_jvp(model, params, inp, x_t, dxt, keep_grad=True)
+        F_minus = F.detach()
+        g = tangent_of(F_minus, dF, x_t, dxt, inp.t, inp.r, model.sigma_d)
+    else:
+        F_minus, g = (tangent_fn or tangent)(model, params, inp, x_t, dxt, cfg)
     ok = ok & finite_samples(F_minus, g)  # non-finite tangents are masked, never trained on
     F_minus, g = zero_unless(ok, F_minus), zero_unless(ok, g)
     with fp32_region(g):
         g, g_norm = normalize_tangent(g, cfg)
-    return ConsistencyPrep(inp, x_t, F_minus, g, g_norm, ok)
+    return ConsistencyPrep(inp, x_t, F_minus, g, g_norm, ok), F
 
 
 def consistency_finish(F: Tensor, w: Tensor, prep: ConsistencyPrep) -> ObjectiveOut:

@@ -9,7 +9,10 @@ reduces the gradients once per step; the skip decision is agreed by all processe
 
 `torch.compile` traces the objective (jvp + loss) inside its autocast region (`TrainSpec.precision`),
 so Dynamo sees the casts; AOTAutograd compiles its backward graph too, so the whole
-forward-JVP-backward runs compiled. `compile=False` runs exactly the same Python eagerly.
+forward-JVP-backward runs compiled, with `scm_graph.ops.zero_tangents`' pass dropping the products with
+zero weight tangents that forward-mode AD leaves in the graph. `compile=False` runs exactly the same Python eagerly.
+Single-process sCT / sCD take the gradient through the JVP's own primal output (one JVP and one backward per step,
+`objectives.sct`); under torchrun the two passes stay separate, since the gradient pass must go through the wrapper.
 
 Non-finite values never reach the weights: the objective masks samples with a non-finite tangent
 (`ObjectiveOut.nonfinite`), and a step whose loss or gradient norm is still not finite, or whose
@@ -19,7 +22,6 @@ every sample was masked, skips the optimiser update (fp16: the GradScaler also b
 from __future__ import annotations
 
 import math
-
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from scm_graph.objectives import ObjectiveOut, StepInputs, get_objective, get_passes
+from scm_graph.ops.zero_tangents import COMPILE_OPTIONS
 from scm_graph.precision import amp_dtype, autocast, make_scaler
 from scm_graph.spec import OptimSpec, Spec
 from scm_graph.train import parallel
@@ -116,7 +119,7 @@ class TrainStep:
             with autocast(device_type, precision):  # inside the compiled function, so Dynamo traces the casts
                 return objective(model, params, StepInputs(x0, z, t, labels, dropout_key, r, guidance, t_prev), cfg).as_tuple()
 
-        self.loss_fn = torch.compile(loss_fn, fullgraph=True, dynamic=False) if compile else loss_fn
+        self.loss_fn = torch.compile(loss_fn, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS) if compile else loss_fn
         if wrapped is not None:
             passes, plain = get_passes(spec.objective.kind, teacher), wrapped.plain
             self.finish = passes.finish
@@ -126,7 +129,7 @@ class TrainStep:
                 with torch.no_grad(), autocast(device_type, precision):
                     return passes.prepare(plain, params, StepInputs(x0, z, t, labels, dropout_key, r, guidance, t_prev), cfg)
 
-            self.prepare_fn = torch.compile(prepare_fn, fullgraph=True, dynamic=False) if compile else prepare_fn
+            self.prepare_fn = torch.compile(prepare_fn, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS) if compile else prepare_fn
             self.forward_fn = torch.compile(wrapped.module) if compile else wrapped.module
 
     def _micro(self, inp: StepInputs) -> ObjectiveOut:

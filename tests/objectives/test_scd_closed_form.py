@@ -134,23 +134,19 @@ class Scaled(nn.Module):
         return self.factor * self.teacher(x_t, t, labels)
 
 
-def tangent_scaled(times: int):
-    """`sct.tangent` re-written with the JVP rearrangement's cos t sin t applied `times` times to the tangents
-    (x_t's and t's): 1 is the package's tangent (checked below), 2 the fault "tangent applied twice"."""
+def tangent_jvp_scaled(times: int):
+    """`sct.tangent_jvp` re-written with the JVP rearrangement's cos t sin t applied `times` times to the tangents
+    (x_t's and t's): 1 is the package's JVP (checked below), 2 the fault "tangent applied twice"."""
 
-    def tangent(model, params, inp: StepInputs, x_t: Tensor, dxt: Tensor, cfg: ObjectiveSpec):
-        sigma_d, t = model.sigma_d, inp.t
-        theta_minus = {k: v.detach() for k, v in params.items()}
-        cos, sin = torch.cos(t), torch.sin(t)
-        cs = (cos * sin) ** times
-        fn = lambda x, t_in: functional_call(model, theta_minus, (x, t_in, inp.labels, inp.dropout_key, inp.guidance))
-        F_minus, dF = jvp(fn, (x_t, t), (trigflow.expand(cs, x_t) * dxt, cs))
-        F_minus, dF = F_minus.detach(), dF.detach()
-        g = -trigflow.expand(cos**2, x_t) * (sigma_d * F_minus - dxt) - trigflow.expand(inp.r, x_t) * (
-            trigflow.expand(cos * sin, x_t) * x_t + sigma_d * dF)
-        return F_minus, g
+    def tangent_jvp(model, params, inp: StepInputs, x_t: Tensor, dxt: Tensor, keep_grad: bool = False):
+        t = inp.t
+        theta = params if keep_grad else {k: v.detach() for k, v in params.items()}
+        cs = (torch.cos(t) * torch.sin(t)) ** times
+        fn = lambda x, t_in: functional_call(model, theta, (x, t_in, inp.labels, inp.dropout_key, inp.guidance))
+        F, dF = jvp(fn, (x_t, t), (trigflow.expand(cs, x_t) * dxt, cs))
+        return (F if keep_grad else F.detach()), dF.detach()
 
-    return tangent
+    return tangent_jvp
 
 
 def test_the_rewritten_tangent_is_the_packages():
@@ -164,10 +160,12 @@ def test_the_rewritten_tangent_is_the_packages():
                      torch.linspace(1, 2, 8, dtype=torch.float64))
     x_t, params = trigflow.noisy(x0, z, t), dict(student.named_parameters())
     dxt = MoGTeacher(MOG, SD)(x_t, t, labels) * SD
-    want = sct.tangent(student, params, inp, x_t, dxt, CFG)
-    for a, b in zip(tangent_scaled(1)(student, params, inp, x_t, dxt, CFG), want):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    assert not torch.allclose(tangent_scaled(2)(student, params, inp, x_t, dxt, CFG)[1], want[1])
+    for keep_grad in (False, True):
+        want = sct.tangent_jvp(student, params, inp, x_t, dxt, keep_grad=keep_grad)
+        for a, b in zip(tangent_jvp_scaled(1)(student, params, inp, x_t, dxt, keep_grad), want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        assert want[0].requires_grad == keep_grad
+        assert not torch.allclose(tangent_jvp_scaled(2)(student, params, inp, x_t, dxt, keep_grad)[1], want[1])
 
 
 # --- training and evaluation ---------------------------------------------------------------------------------------
@@ -183,7 +181,7 @@ def train(fault: str | None = None, monkeypatch: pytest.MonkeyPatch | None = Non
     elif fault == "sigma_d":
         teacher = Scaled(teacher, 1.0 / SD)
     elif fault == "tangent_twice":
-        monkeypatch.setattr(sct, "tangent", tangent_scaled(2))  # consistency_loss looks `tangent` up at call time
+        monkeypatch.setattr(sct, "tangent_jvp", tangent_jvp_scaled(2))  # looked up at call time, by both paths
     else:
         assert fault is None
     torch.manual_seed(seed)

@@ -192,6 +192,38 @@ def test_dropout_masks_shared_between_jvp_and_gradient_pass():
     assert not torch.allclose(a, b)
 
 
+@pytest.mark.parametrize("arch", ["unet", "dit"])
+def test_the_fused_gradient_pass_is_the_two_pass_objective(arch):
+    """Single-process sCT takes F_theta from the JVP's own primal output (one forward fewer); loss and gradients
+    equal Algorithm 1's two passes (a no-gradient JVP, then a forward of its own), with dropout and attention on."""
+    from scm_graph.model import build_model
+    from scm_graph.objectives.sct import consistency_finish, consistency_prepare, sct_velocity
+    from scm_graph.objectives.weighting import w_of
+    from tests.helpers import tiny_spec
+
+    torch.manual_seed(0)
+    m = build_model(tiny_spec(arch, dropout=0.3)).double().train()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # no zero-initialised output layer: every weight gets a gradient
+    params = dict(m.named_parameters())
+    cfg = ObjectiveSpec(sigma_d=SD)
+    inp = _inputs()
+    fused = sct_loss(m, params, inp, cfg)
+    prep = consistency_prepare(m, params, inp, cfg, sct_velocity)
+    F = functional_call(m, params, prep.inputs.forward_args(prep.x_t))
+    two = consistency_finish(F, w_of(m, params, prep.inputs.t, cfg), prep)
+    torch.testing.assert_close(fused.loss, two.loss, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(fused.mse, two.mse, rtol=1e-10, atol=1e-14)
+    ps = list(params.values())
+    g_fused, g_two = torch.autograd.grad(fused.loss, ps), torch.autograd.grad(two.loss, ps)
+    assert sum(g.abs().sum() for g in g_two) > 0
+    for a, b in zip(g_fused, g_two):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    with torch.no_grad():  # no gradient wanted: the JVP runs on detached weights, as in the two-pass objective
+        assert not sct_loss(m, params, inp, cfg).loss.requires_grad
+
+
 # ----------------------------------------------------------------------------- non-finite samples
 
 
