@@ -1,7 +1,8 @@
 """`python -m scm_graph.bench step ...` (the train steps, `bench.step`), `python -m scm_graph.bench attention ...`
 (the attention JVP op, `bench.attention`) or `python -m scm_graph.bench memory ...` (per-rank memory of
 multi-process training, `bench.memory`) or `python -m scm_graph.bench encode ...` (ImageNet preprocessing and SD-VAE
-encoding for `shard imagenet --vae`, `bench.encode`)."""
+encoding for `shard imagenet --vae`, `bench.encode`) or `python -m scm_graph.bench data ...` (images/s of the shard
+stream per DataLoader worker count against the trainer's consumption, and what ImageNet-64 needs, `bench.data`)."""
 
 from __future__ import annotations
 
@@ -26,4 +27,8 @@ def main(argv: list[str]) -> None:
         from scm_graph.bench.encode import main as encode_main
 
         return encode_main(argv[1:])
-    raise UserError("usage: python -m scm_graph.bench {step,attention,memory,encode} [--help]")
+    if argv[:1] == ["data"]:
+        from scm_graph.bench.data import main as data_main
+
+        return data_main(argv[1:])
+    raise UserError("usage: python -m scm_graph.bench {step,attention,memory,encode,data} [--help]")
