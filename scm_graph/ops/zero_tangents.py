@@ -10,11 +10,14 @@ digits U-Net a third of the JVP's convolution time (docs/bench_step_cpu.md).
 `ZeroTangentPass` (an Inductor post-grad pass) finds the values that are zero by construction (a `full` of 0,
 and what shape ops, products and sums make of it) and replaces each convolution and matrix product among them
 by a `full` of zeros of the same shape and dtype, which Inductor fuses into its consumers for free. Nothing
-else changes: a product with an all-zero operand is exactly zero, so the compiled numbers are the same. The
-pass keys Inductor's cache by this file's hash. `COMPILE_OPTIONS` is what `torch.compile(options=...)` takes.
+else changes: a product with an all-zero operand is exactly zero, so the compiled numbers are the same (if the
+other operand holds an inf or NaN, the true product is NaN, not 0; such an activation makes the primal output
+non-finite too, and the objectives mask that sample either way). The pass keys Inductor's cache by this file's hash. `COMPILE_OPTIONS` is what `torch.compile(options=...)` takes.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
@@ -41,6 +44,11 @@ def _is_zero_fill(n: Node) -> bool:
     return False
 
 
+def _finite(args) -> bool:
+    """False when a product's operand is a non-finite Python number (0 * inf is NaN, not 0)."""
+    return all(isinstance(a, Node) or math.isfinite(a) for a in args)
+
+
 def zero_nodes(graph: Graph) -> set[Node]:
     """The nodes whose value is all zeros by construction, in one pass over the (topologically ordered) graph."""
     zero: set[Node] = set()
@@ -52,7 +60,7 @@ def zero_nodes(graph: Graph) -> set[Node]:
         if n.op != "call_function":
             continue
         t, a = n.target, n.args
-        if (_is_zero_fill(n) or (t in _SHAPE_OPS and z(a[0])) or (t in _PRODUCTS and (z(a[0]) or z(a[1])))
+        if (_is_zero_fill(n) or (t in _SHAPE_OPS and z(a[0])) or (t in _PRODUCTS and (z(a[0]) or z(a[1])) and _finite(a[:2]))
                 or (t == aten.convolution.default and (z(a[0]) or z(a[1])) and (a[2] is None or z(a[2])))
                 or (t in (aten.addmm.default, aten.baddbmm.default) and z(a[0]) and (z(a[1]) or z(a[2])))
                 or (t in (aten.add.Tensor, aten.sub.Tensor) and z(a[0]) and z(a[1]) and len(a) == 2)):

@@ -80,9 +80,11 @@ def test_only_products_with_a_zero_operand_count_as_zero():
     c_w = g.call_function(aten.convolution.default, (x, w, None, *args))
     prod = g.call_function(aten.mul.Tensor, (c_w, c_zero))
     s = g.call_function(aten.add.Tensor, (c_w, c_zero))  # one zero term: not zero
+    by_inf = g.call_function(aten.mul.Tensor, (zero, float("inf")))  # 0 * inf is NaN
+    by_two = g.call_function(aten.mul.Tensor, (zero, 2.0))
     zeros = zero_nodes(g)
-    assert {zero, zw, c_zero, prod} <= zeros
-    assert not ({one, ow, c_one, c_bias, c_w, s} & zeros)
+    assert {zero, zw, c_zero, prod, by_two} <= zeros
+    assert not ({one, ow, c_one, c_bias, c_w, s, by_inf} & zeros)
 
 
 def test_the_pass_keys_the_cache_by_its_source():
