@@ -102,7 +102,7 @@ def consistency_loss(model: nn.Module, params: dict[str, Tensor], inp: StepInput
 
 @dataclass
 class ConsistencyPrep:
-    """What the no-gradient JVP pass hands the gradient pass: its inputs, F^- and the normalised tangent."""
+    """What the JVP pass hands the gradient pass: its inputs, F^- and the normalised tangent (no gradient in any)."""
 
     inputs: StepInputs  # with non-finite samples zeroed
     x_t: Tensor
@@ -128,7 +128,10 @@ def _prepare(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, cfg: 
              dxt_of: Callable[[Tensor, StepInputs], Tensor], tangent_fn: TangentFn | None, fuse: bool) -> tuple[ConsistencyPrep, Tensor | None]:
     """`consistency_prepare`, and with `fuse` (JVP tangents only) also F_theta(x_t, t) with its gradient: the JVP's
     primal output, taken on the trained weights, so the gradient pass needs no forward of its own (one JVP and one
-    backward per step). F^- is its detached value, bit for bit what a second forward would give."""
+    backward per step). F^- is its detached value: bit for bit what a second forward gives for networks without
+    attention; with attention, O comes from the fused JVP op instead of SDPA (equal to rounding). Eagerly, the JVP
+    on grad-tracking weights also records the tangent's autograd graph until it returns (a higher peak than the
+    no-gradient JVP); compiled, AOTAutograd keeps only what the backward needs."""
     # Non-finite data is masked *before* both passes, so the JVP pass and the gradient pass still see
     # identical inputs (Inductor shares their forward work; masking x_t between them cost 17%).
     ok = finite_samples(inp.x0, inp.z, inp.t)

@@ -144,7 +144,8 @@ def jvp_attention(q: Tensor, k: Tensor, v: Tensor, dq: Tensor, dk: Tensor, dv: T
         if d.shape != x.shape:
             raise ValueError(f"tangent shape {tuple(d.shape)} does not match its primal {tuple(x.shape)}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    o, do, _ = attention_jvp_op(q, k, v, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), scale)
+    # the tangents enter detached: the op has no gradient for them, and a link would keep their graph alive
+    o, do, _ = attention_jvp_op(q, k, v, dq.detach().to(q.dtype), dk.detach().to(k.dtype), dv.detach().to(v.dtype), scale)
     return o, do
 
 
@@ -158,5 +159,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Te
     dq = torch.zeros_like(qp) if dq is None else dq
     dk = torch.zeros_like(kp) if dk is None else dk
     dv = torch.zeros_like(vp) if dv is None else dv
-    o, do, _ = attention_jvp_op(qp, kp, vp, dq, dk, dv, scale)
+    # detached tangents: the op has no gradient for them, and (when the JVP runs on grad-tracking weights, the
+    # fused sCT step) a link to their autograd graph would keep everything it saved alive until backward
+    o, do, _ = attention_jvp_op(qp, kp, vp, dq.detach(), dk.detach(), dv.detach(), scale)
     return fwAD.make_dual(o, do)

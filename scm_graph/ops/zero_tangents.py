@@ -5,7 +5,7 @@ matrix products still take the tangent of *every* operand, so a traced JVP of a 
     dy = conv(dx, W) + conv(x, 0) [+ 0]
 with the zero weight tangent materialised as `full([], 0).expand(W.shape)`. Inductor does not fold a
 convolution or matmul by an expanded zero, so each layer's JVP runs three products instead of two: on the
-digits U-Net a third of the JVP's convolution time (docs/bench_step_cpu.md).
+digits U-Net a third of the JVP's convolution time (docs/design.md, "Traps"; docs/bench_step_cpu.md).
 
 `ZeroTangentPass` (an Inductor post-grad pass) finds the values that are zero by construction (a `full` of 0,
 and what shape ops, products and sums make of it) and replaces each convolution and matrix product among them
@@ -63,7 +63,7 @@ def zero_nodes(graph: Graph) -> set[Node]:
         if (_is_zero_fill(n) or (t in _SHAPE_OPS and z(a[0])) or (t in _PRODUCTS and (z(a[0]) or z(a[1])) and _finite(a[:2]))
                 or (t == aten.convolution.default and (z(a[0]) or z(a[1])) and (a[2] is None or z(a[2])))
                 or (t in (aten.addmm.default, aten.baddbmm.default) and z(a[0]) and (z(a[1]) or z(a[2])))
-                or (t in (aten.add.Tensor, aten.sub.Tensor) and z(a[0]) and z(a[1]) and len(a) == 2)):
+                or (t in (aten.add.Tensor, aten.sub.Tensor) and z(a[0]) and z(a[1]))):
             zero.add(n)
     return zero
 
@@ -82,7 +82,8 @@ def drop_zero_products(graph: Graph) -> int:
         n.replace_all_uses_with(full)
         graph.erase_node(n)
         count += 1
-    graph.eliminate_dead_code()  # the zero operands that fed only these products
+    if count:
+        graph.eliminate_dead_code()  # the zero operands that fed only these products
     return count
 
 

@@ -209,7 +209,11 @@ def test_the_fused_gradient_pass_is_the_two_pass_objective(arch):
     params = dict(m.named_parameters())
     cfg = ObjectiveSpec(sigma_d=SD)
     inp = _inputs()
+    forwards = []
+    hook = m.net.register_forward_hook(lambda *_: forwards.append(1))
     fused = sct_loss(m, params, inp, cfg)
+    assert len(forwards) == 1  # the fused path ran: one network call (the JVP), no second forward
+    hook.remove()
     prep = consistency_prepare(m, params, inp, cfg, sct_velocity)
     F = functional_call(m, params, prep.inputs.forward_args(prep.x_t))
     two = consistency_finish(F, w_of(m, params, prep.inputs.t, cfg), prep)
