@@ -11,8 +11,9 @@ reduces the gradients once per step; the skip decision is agreed by all processe
 so Dynamo sees the casts; AOTAutograd compiles its backward graph too, so the whole
 forward-JVP-backward runs compiled, with `scm_graph.ops.zero_tangents`' pass dropping the products with
 zero weight tangents that forward-mode AD leaves in the graph. `compile=False` runs exactly the same Python eagerly.
-Single-process sCT / sCD take the gradient through the JVP's own primal output (one JVP and one backward per step,
-`objectives.sct`); under torchrun the two passes stay separate, since the gradient pass must go through the wrapper.
+Single-process sCT / sCD on an accelerator take the gradient through the JVP's own primal output (one JVP and one
+backward per step, `objectives.sct.fuses`); on the CPU and under torchrun the two passes stay separate (on the CPU
+they are faster; under torchrun the gradient pass must go through the wrapper).
 
 Non-finite values never reach the weights: the objective masks samples with a non-finite tangent
 (`ObjectiveOut.nonfinite`), and a step whose loss or gradient norm is still not finite, or whose
