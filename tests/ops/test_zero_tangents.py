@@ -94,13 +94,18 @@ def test_the_pass_keys_the_cache_by_its_source():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("spec_path", ["specs/digits_sct.py", "specs/digits_dit.py"])
-def test_the_compiled_sct_loss_runs_two_products_per_layer_and_matches_eager(spec_path, monkeypatch):
+@pytest.mark.parametrize(("spec_path", "fused"), [("specs/digits_sct.py", False), ("specs/digits_dit.py", False),
+                                                  ("specs/digits_dit.py", True)])
+def test_the_compiled_sct_loss_runs_two_products_per_layer_and_matches_eager(spec_path, fused, monkeypatch):
     """In the compiled sCT loss of a shipped network the pass drops products, every JVP-pass convolution / matmul
-    left has a non-zero operand, and loss and gradients match the eager objective."""
+    left has a non-zero operand, and loss and gradients match the eager objective; `fused`: the accelerators' step
+    (F_theta from the JVP's primal, `objectives.sct.fuses`), forced on the CPU."""
     from scm_graph.bench.step import _bench_spec
     from scm_graph.model import build_model
-    from scm_graph.objectives import StepInputs, get_objective
+    from scm_graph.objectives import StepInputs, get_objective, sct
+
+    if fused:
+        monkeypatch.setattr(sct, "fuses", lambda x, tangent_fn: tangent_fn is None and torch.is_grad_enabled())
 
     seen: list[tuple[int, int]] = []
     real = zero_tangents.drop_zero_products
