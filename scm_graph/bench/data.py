@@ -40,9 +40,10 @@ TARGET = 10.0
 """The digits stream must deliver at least this many times what the trainer consumes (the issue's bar)."""
 DIGITS_TRAIN_IPS = 828.4
 """Default `--train-ips` for the digits specs: the compiled diffusion step at batch 128 in docs/bench_step_cpu.md
-(2-core CPU), the fastest, so the most demanding, digits consumer measured there."""
+("Earlier measurement", 2-core AMD EPYC), the fastest, so the most demanding, digits consumer measured there (the
+Intel box's quiet run in the same file reached 894 img/s)."""
 DIGITS_SCT_IPS = 478.3
-"""The compiled sCT step at batch 128 in docs/bench_step_cpu.md, quoted beside the default consumer."""
+"""The compiled sCT step at batch 128 in docs/bench_step_cpu.md ("Earlier measurement"), quoted beside the default consumer."""
 STEP_MACHINE = "measured there on an AMD EPYC with 2 threads"
 
 IMAGENET_BATCH = 2048
