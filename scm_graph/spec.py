@@ -181,6 +181,8 @@ class ObjectiveSpec:
     """Tangent warmup: r grows linearly 0 -> 1 over this many images (paper: 10k iterations x 512)."""
     adaptive_weighting: bool = True
     """Learn w_phi(t) jointly (Eq. 8); off = unit weighting."""
+    fused_pass: Literal["auto", "on", "off"] = "auto"
+    """sCT / sCD in one process: take F_theta for the gradient from the JVP's own primal output (one forward fewer; the same gradient) 'on', or run a separate gradient pass 'off'; 'auto': on except on the CPU. Under torchrun the passes are always separate."""
     teacher: str = ""
     """sCD: the teacher, a diffusion checkpoint of ours ('trigflow') or the weights (.safetensors) of an EDM denoiser ('edm')."""
     teacher_kind: Literal["trigflow", "edm"] = "trigflow"

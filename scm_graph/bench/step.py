@@ -4,6 +4,8 @@ Images/s of the sCT and diffusion train steps, eager and compiled, at each asked
 (fp32 / bf16 / fp16 autocast), side by side in one process on the same synthetic batch, with the
 network of the given spec (any arch: it is built by `build_model`). Prints a markdown table naming the
 device and precisions and (with --out) appends it to a file under docs/.
+`--fused-pass on off` times the consistency step both ways (`objective.fused_pass`); `--host-read` also times
+each step with its update decided on the host (`TrainStep.device_skip` off: one host sync per step, the CPU's way).
 """
 
 from __future__ import annotations
@@ -34,11 +36,17 @@ class StepTiming:
     images_per_s: float
     ms_per_step: float
     warmup_s: float  # first steps, including compilation
+    fused_pass: str = "auto"  # objective.fused_pass of the consistency step
+    host_read_ms: float | None = None  # ms per step with the update decided on the host (--host-read)
+
+    @property
+    def label(self) -> str:
+        return self.objective if self.fused_pass == "auto" or self.objective == "diffusion" else f"{self.objective}, fused pass {self.fused_pass}"
 
 
 def time_step(spec: Spec, kind: str, compile: bool, batch: int, steps: int, warmup: int, dev: torch.device, rounds: int = 3,
-              precision: str = "fp32") -> StepTiming:
-    spec = dataclasses.replace(spec, objective=dataclasses.replace(spec.objective, kind=kind),
+              precision: str = "fp32", fused_pass: str = "auto", host_read: bool = False) -> StepTiming:
+    spec = dataclasses.replace(spec, objective=dataclasses.replace(spec.objective, kind=kind, fused_pass=fused_pass),
                                train=dataclasses.replace(spec.train, precision=precision))
     torch.manual_seed(0)
     model = build_model(spec).to(dev).train()
@@ -67,14 +75,22 @@ def time_step(spec: Spec, kind: str, compile: bool, batch: int, steps: int, warm
         step(inp)
     synchronize(dev)
     warm = time.perf_counter() - t0
-    dt = float("inf")
-    for _ in range(rounds):  # best of several rounds: robust to a noisy machine
-        t1 = time.perf_counter()
-        for _ in range(steps):
-            step(inp)
-        synchronize(dev)
-        dt = min(dt, (time.perf_counter() - t1) / steps)
-    return StepTiming(kind, "compiled" if compile else "eager", precision, batch / dt, dt * 1e3, warm)
+    def best() -> float:
+        dt = float("inf")
+        for _ in range(rounds):  # best of several rounds: robust to a noisy machine
+            t1 = time.perf_counter()
+            for _ in range(steps):
+                step(inp)
+            synchronize(dev)
+            dt = min(dt, (time.perf_counter() - t1) / steps)
+        return dt
+
+    dt = best()
+    read_ms = None
+    if host_read:  # the same step deciding its update on the host: it waits for the step's flags every step
+        step.device_skip = False
+        read_ms = best() * 1e3
+    return StepTiming(kind, "compiled" if compile else "eager", precision, batch / dt, dt * 1e3, warm, fused_pass, read_ms)
 
 
 MODES = ("eager", "compiled")
@@ -86,16 +102,19 @@ def consistency_kind(spec: Spec) -> str:
 
 
 def bench_step(spec: Spec, batch: int, steps: int, warmup: int, dev: torch.device, rounds: int = 3,
-               precisions: tuple[str, ...] = ("fp32",), modes: tuple[str, ...] = MODES) -> list[StepTiming]:
+               precisions: tuple[str, ...] = ("fp32",), modes: tuple[str, ...] = MODES,
+               fused_passes: tuple[str, ...] = ("auto",), host_read: bool = False) -> list[StepTiming]:
     rows = []
+    runs = [(consistency_kind(spec), f) for f in fused_passes] + [("diffusion", "auto")]
     for precision in precisions:
         for mode in modes:
-            for kind in (consistency_kind(spec), "diffusion"):
+            for kind, fused in runs:
                 torch._dynamo.reset()
-                rows.append(time_step(spec, kind, mode == "compiled", batch, steps, warmup, dev, rounds, precision))
+                rows.append(time_step(spec, kind, mode == "compiled", batch, steps, warmup, dev, rounds, precision, fused, host_read))
                 r = rows[-1]
-                print(f"  {r.objective:9s} {r.precision:4s} {r.mode:8s} {r.images_per_s:9.1f} img/s  {r.ms_per_step:8.1f} ms/step"
-                      f"  (warm-up {r.warmup_s:.1f} s)", flush=True)
+                read = f", {r.host_read_ms:.2f} ms deciding on the host" if r.host_read_ms is not None else ""
+                print(f"  {r.label:9s} {r.precision:4s} {r.mode:8s} {r.images_per_s:9.1f} img/s  {r.ms_per_step:8.2f} ms/step"
+                      f"{read}  (warm-up {r.warmup_s:.1f} s)", flush=True)
     return rows
 
 
@@ -107,9 +126,10 @@ def _ratio(a: StepTiming | None, b: StepTiming | None, speed: bool) -> str:
 
 
 def step_table(rows: list[StepTiming], spec_path: str, spec: Spec, batch: int, dev: torch.device) -> str:
-    by = {(r.objective, r.precision, r.mode): r for r in rows}
+    by = {(r.label, r.precision, r.mode): r for r in rows}
     precisions = list(dict.fromkeys(r.precision for r in rows))
     modes = [m for m in MODES if any(r.mode == m for r in rows)]
+    labels = list(dict.fromkeys(r.label for r in rows))
     model = build_model(spec)
 
     def cell(r: StepTiming | None, fmt: str) -> str:
@@ -129,19 +149,26 @@ def step_table(rows: list[StepTiming], spec_path: str, spec: Spec, batch: int, d
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     best = modes[-1]
-    ck = consistency_kind(spec)
-    for kind in (ck, "diffusion"):
+    for label in labels:
         for p in precisions:
-            e, c = by.get((kind, p, "eager")), by.get((kind, p, "compiled"))
-            vs = _ratio(by.get((kind, p, best)), by.get((kind, "fp32", best)), speed=True)
-            lines.append(f"| {kind} | {p} | {cell(e, 'ips')} | {cell(c, 'ips')} | {_ratio(c, e, speed=True)} | {vs} | "
+            e, c = by.get((label, p, "eager")), by.get((label, p, "compiled"))
+            vs = _ratio(by.get((label, p, best)), by.get((label, "fp32", best)), speed=True)
+            lines.append(f"| {label} | {p} | {cell(e, 'ips')} | {cell(c, 'ips')} | {_ratio(c, e, speed=True)} | {vs} | "
                          f"{cell(e, 'warm')} / {cell(c, 'warm')} |")
-    name = {"sct": "sCT", "scd": "sCD", "discrete": "discrete-time sCM", "ict": "iCT"}[ck]
-    lines += ["", f"| mode | precision | {name} step time / diffusion step time |", "|---|---|---:|"]
-    for mode in modes:
-        for p in precisions:
-            lines.append(f"| {mode} | {p} | {_ratio(by.get((ck, p, mode)), by.get(('diffusion', p, mode)), speed=False)} |")
+    name = {"sct": "sCT", "scd": "sCD", "discrete": "discrete-time sCM", "ict": "iCT"}[consistency_kind(spec)]
+    lines += ["", f"| consistency step | mode | precision | {name} step time / diffusion step time |", "|---|---|---|---:|"]
+    for label in labels[:-1]:
+        for mode in modes:
+            for p in precisions:
+                lines.append(f"| {label} | {mode} | {p} | {_ratio(by.get((label, p, mode)), by.get(('diffusion', p, mode)), speed=False)} |")
     lines += ["", "(The paper's sCD step costs about 2x a diffusion step; the arithmetic floor is about 1.33x.)", ""]
+    reads = [r for r in rows if r.host_read_ms is not None]
+    if reads:
+        lines += ["| step | mode | precision | ms / step, update decided on the device | ms / step, decided on the host (a sync per step) | cost of the sync |",
+                  "|---|---|---|---:|---:|---:|"]
+        lines += [f"| {r.label} | {r.mode} | {r.precision} | {r.ms_per_step:.2f} | {r.host_read_ms:.2f} | "
+                  f"{r.host_read_ms / r.ms_per_step - 1:+.1%} |" for r in reads]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -170,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precision", nargs="+", choices=list(AMP_DTYPES), default=None,
                    help="autocast precision(s) of the step, e.g. fp32 bf16 (default: the spec's train.precision)")
     p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), help="eager and/or compiled")
+    p.add_argument("--fused-pass", nargs="+", choices=["auto", "on", "off"], default=["auto"],
+                   help="objective.fused_pass of the consistency step, one row each (e.g. on off)")
+    p.add_argument("--host-read", action="store_true", help="also time the step deciding its update on the host (a sync per step)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="append the markdown table to this file (e.g. docs/bench_step.md)")
     a = p.parse_args(argv)
@@ -183,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     dev = pick_device(a.device)
     precisions = tuple(dict.fromkeys(a.precision or [spec.train.precision]))
     print(f"bench step: {a.spec}, batch {batch}, {device_name(dev)}, {' / '.join(precisions)}", flush=True)
-    rows = bench_step(spec, batch, a.steps, a.warmup, dev, a.rounds, precisions, tuple(a.modes))
+    rows = bench_step(spec, batch, a.steps, a.warmup, dev, a.rounds, precisions, tuple(a.modes),
+                      tuple(dict.fromkeys(a.fused_pass)), a.host_read)
     table = step_table(rows, a.spec, spec, batch, dev)
     print(table)
     if a.out:

@@ -94,17 +94,19 @@ def sct_velocity(x_t: Tensor, inp: StepInputs) -> Tensor:
 def consistency_loss(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, cfg: ObjectiveSpec,
                      dxt_of: Callable[[Tensor, StepInputs], Tensor], tangent_fn: TangentFn | None = None) -> ObjectiveOut:
     """Algorithm 1 with the PF-ODE velocity `dxt_of(x_t, inp)`: the data's estimate (sCT) or a teacher's (sCD)."""
-    prep, F = _prepare(model, params, inp, cfg, dxt_of, tangent_fn, fuse=fuses(inp.x0, tangent_fn))
+    prep, F = _prepare(model, params, inp, cfg, dxt_of, tangent_fn, fuse=fuses(inp.x0, tangent_fn, cfg.fused_pass))
     if F is None:  # a finite-difference tangent: F_theta needs its own forward
         F = functional_call(model, params, prep.inputs.forward_args(prep.x_t))  # F_theta(x_t / sigma_d, t)
     return consistency_finish(F, w_of(model, params, prep.inputs.t, cfg), prep)
 
 
-def fuses(x: Tensor, tangent_fn: TangentFn | None) -> bool:
-    """Whether `consistency_loss` takes F_theta from the JVP's primal output: JVP tangents, gradient on, and not
-    on the CPU. On the 2-core CPU the two passes are faster compiled (docs/bench_step_cpu.md: 199 against 224 ms at
-    2 threads, side by side), though the fused step is faster at 1 thread; on accelerators it saves a forward."""
-    return tangent_fn is None and torch.is_grad_enabled() and x.device.type != "cpu"
+def fuses(x: Tensor, tangent_fn: TangentFn | None, fused_pass: str = "auto") -> bool:
+    """Whether `consistency_loss` takes F_theta from the JVP's primal output: JVP tangents, gradient on, and
+    `objective.fused_pass` 'on', or 'auto' off the CPU. On the 2-core CPU the two passes are faster compiled
+    (docs/bench_step_cpu.md: 199 against 224 ms at 2 threads, side by side), though the fused step is faster at
+    1 thread; on accelerators it saves a forward."""
+    wanted = fused_pass == "on" or (fused_pass == "auto" and x.device.type != "cpu")
+    return wanted and tangent_fn is None and torch.is_grad_enabled()
 
 
 @dataclass

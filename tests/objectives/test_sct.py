@@ -216,6 +216,10 @@ def test_the_fused_gradient_pass_is_the_two_pass_objective(arch):
     assert len(forwards) == 1  # the fused path: one network call (the JVP), no second forward
     hook.remove()
     assert not fuses(inp.x0, None)  # on the CPU sct_loss takes the two passes (faster there, docs/bench_step_cpu.md)
+    assert fuses(inp.x0, None, "on") and not fuses(inp.x0.to("meta"), None, "off") and fuses(inp.x0.to("meta"), None)
+    assert not fuses(inp.x0, lambda *a: None, "on")  # a finite-difference tangent has no primal output to reuse
+    on = sct_loss(m, params, inp, dataclasses.replace(cfg, fused_pass="on"))
+    torch.testing.assert_close(on.loss, fused.loss, rtol=0, atol=0)  # objective.fused_pass 'on' is this path
     torch.testing.assert_close(sct_loss(m, params, inp, cfg).loss, fused.loss, rtol=1e-12, atol=1e-14)
     prep = consistency_prepare(m, params, inp, cfg, sct_velocity)
     F = functional_call(m, params, prep.inputs.forward_args(prep.x_t))
@@ -228,7 +232,7 @@ def test_the_fused_gradient_pass_is_the_two_pass_objective(arch):
     for a, b in zip(g_fused, g_two):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     with torch.no_grad():  # no gradient wanted: never fused
-        assert not fuses(inp.x0.to("meta"), None)
+        assert not fuses(inp.x0.to("meta"), None) and not fuses(inp.x0, None, "on")
 
 
 # ----------------------------------------------------------------------------- non-finite samples

@@ -99,13 +99,10 @@ def test_the_pass_keys_the_cache_by_its_source():
 def test_the_compiled_sct_loss_runs_two_products_per_layer_and_matches_eager(spec_path, fused, monkeypatch):
     """In the compiled sCT loss of a shipped network the pass drops products, every JVP-pass convolution / matmul
     left has a non-zero operand, and loss and gradients match the eager objective; `fused`: the accelerators' step
-    (F_theta from the JVP's primal, `objectives.sct.fuses`), forced on the CPU."""
+    (F_theta from the JVP's primal, `objective.fused_pass` 'on'), forced on the CPU."""
     from scm_graph.bench.step import _bench_spec
     from scm_graph.model import build_model
-    from scm_graph.objectives import StepInputs, get_objective, sct
-
-    if fused:
-        monkeypatch.setattr(sct, "fuses", lambda x, tangent_fn: tangent_fn is None and torch.is_grad_enabled())
+    from scm_graph.objectives import StepInputs, get_objective
 
     seen: list[tuple[int, int]] = []
     real = zero_tangents.drop_zero_products
@@ -119,7 +116,8 @@ def test_the_compiled_sct_loss_runs_two_products_per_layer_and_matches_eager(spe
 
     monkeypatch.setattr(zero_tangents, "drop_zero_products", counting)
     spec = _bench_spec(spec_path)
-    spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, batch=4))
+    spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, batch=4),
+                               objective=dataclasses.replace(spec.objective, fused_pass="on" if fused else "off"))
     torch.manual_seed(0)
     model = build_model(spec).train()
     params = dict(model.named_parameters())
