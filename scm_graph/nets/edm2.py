@@ -91,11 +91,12 @@ class MPConv(nn.Module):
         return F.conv2d(x, w, padding=w.shape[-1] // 2)
 
     @torch.no_grad()
-    def renormalize_(self) -> None:
-        """Forced weight normalisation (EDM2 Eq. 66): the stored weight projected onto its sphere, in place. Under
-        FSDP2 the weight is a DTensor sharded on dim 0; each output channel's norm is local to its shard."""
+    def renormalize_(self, apply: torch.Tensor | None = None) -> None:
+        """Forced weight normalisation (EDM2 Eq. 66): the stored weight projected onto its sphere, in place; only
+        where the bool [] tensor `apply` is set, if given (a skipped update leaves the weight exactly as it was).
+        Under FSDP2 the weight is a DTensor sharded on dim 0; each output channel's norm is local to its shard."""
         w = self.weight.to_local() if hasattr(self.weight, "to_local") else self.weight
-        w.copy_(normalize(w))
+        w.copy_(normalize(w) if apply is None else torch.where(apply, normalize(w), w))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,9 +335,10 @@ class EDM2UNet(nn.Module):
         return self.conv_out(x, gain=self.out_gain)  # learnable output gain, 0 at init
 
     @torch.no_grad()
-    def renormalize_(self) -> None:
+    def renormalize_(self, apply: torch.Tensor | None = None) -> None:
         """Forced weight normalisation of every MP weight (EDM2 Eq. 66), in place; the train step calls it after
-        each optimiser step. The function is unchanged: the forward normalises the weights anyway."""
+        each optimiser step (with the device's `apply` flag when the update was decided there). The function is
+        unchanged: the forward normalises the weights anyway."""
         for m in self.modules():
             if isinstance(m, MPConv):
-                m.renormalize_()
+                m.renormalize_(apply)

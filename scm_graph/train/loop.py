@@ -19,7 +19,9 @@ Non-finite values: samples with a non-finite tangent are masked by the objective
 (`nonfinite` in each metrics line, one console warning the first time); steps whose update was
 skipped are counted (`skipped`). NONFINITE_PATIENCE consecutive steps without an update (every sample
 masked, or a non-finite loss / gradient that is not an fp16 loss-scale overflow) stop the run with a
-one-line error before anything more is written; the last checkpoint on disk stays as it is.
+one-line error before anything more is written; the last checkpoint on disk stays as it is. The step's
+report stays on the device; `scm_graph.train.watch` reads it every few steps, not every step (no host sync
+per step on an accelerator), and at every step while updates are being skipped.
 """
 
 from __future__ import annotations
@@ -81,15 +83,15 @@ from scm_graph.train.rundir import (
     truncate_metrics,
 )
 from scm_graph.train.step import TrainStep, Wrapped, learning_rate
-
-NONFINITE_PATIENCE = 10  # consecutive steps without an update (non-finite) before the run stops
+from scm_graph.train.update import portable_state
+from scm_graph.train.watch import NONFINITE_PATIENCE, Watch
 
 # Fields a resumed run may change; everything else must match the checkpoint's spec.
 RESUMABLE = {"train.total_images", "train.time_limit_s", "train.log_every_images", "train.sample_every_images", "train.grid_samples",
              "train.ckpt_every_images", "train.eval_every_images", "train.eval_samples", "train.eval_t_mid", "train.compile",
              "train.eval_metrics", "train.eval_ref", "train.eval_inception", "train.eval_dinov2", "train.keep_best",
              "train.device", "train.precision", "train.out", "train.keep_last", "train.progress", "train.progress_every_s",
-             "data.workers", "data.root", "data.vae",
+             "data.workers", "data.root", "data.vae", "objective.fused_pass",
              "train.accum", "train.parallel", "train.dist_timeout_s"}  # the global batch stays; only its split changes
 
 
@@ -118,17 +120,18 @@ def draw_inputs(b: Batch, gen: torch.Generator, spec: Spec, step: int, images: i
         t = trigflow.sample_t(tau, o.sigma_d)  # t = arctan(e^tau / sigma_d)
         if o.kind == "discrete":
             t = snap_to_grid(t, o, o.sigma_d)  # t_i = i t_max / N
-    labels = b.label.to(device) if (b.label is not None and spec.net.class_conditional) else None
+    labels = b.label.to(device, non_blocking=True) if (b.label is not None and spec.net.class_conditional) else None
     if labels is not None and o.kind == "diffusion" and o.label_dropout > 0:  # CFG: some labels -> the null class (-1)
         drop = torch.rand(B, generator=gen, device=device)[mine] < o.label_dropout
         labels = torch.where(drop, torch.full_like(labels, -1), labels)
-    key = torch.tensor((spec.train.seed << 32) + step, dtype=torch.int64, device=device)  # seed < 2^31: no overflow
+    # filled on the device, not copied there: torch.tensor(..., device=cuda) waits for the queue to drain
+    key = torch.full((), (spec.train.seed << 32) + step, dtype=torch.int64, device=device)  # seed < 2^31: no overflow
     r = 1.0 if o.warmup_images <= 0 else min(1.0, images / o.warmup_images)  # tangent warmup ratio
     guidance = None
     if distils_guidance(spec):  # sCD of a CFG teacher: s ~ U[s_min, s_max] per sample (sCM Sec. 6)
         lo, hi = o.guidance
         guidance = lo + (hi - lo) * torch.rand(B, generator=gen, device=device)[mine]
-    return StepInputs(x0, z, t, labels, key, torch.tensor(r, dtype=torch.float32, device=device), guidance, t_prev)
+    return StepInputs(x0, z, t, labels, key, torch.full((), r, dtype=torch.float32, device=device), guidance, t_prev)
 
 
 def eval_metrics(spec: Spec) -> tuple[str, ...]:
@@ -244,11 +247,11 @@ class Run:
         if self.world.launched:  # any number of processes: each keeps its own shard of the full tensors
             parallel.copy_full(dict(self.model.named_parameters()), ckpt.net)
             parallel.copy_full(self.ema.params, ckpt.ema)
-            parallel.load_optimizer_state(self.model, self.step_fn.optimizer, ckpt.optim)
+            parallel.load_optimizer_state(self.model, self.step_fn.optimizer, portable_state(self.step_fn.optimizer, ckpt.optim))
         else:
             copy_params(self.model, ckpt.net)
             self.ema.load(ckpt.ema)
-            self.step_fn.optimizer.load_state_dict(ckpt.optim)
+            self.step_fn.optimizer.load_state_dict(portable_state(self.step_fn.optimizer, ckpt.optim))
         if self.step_fn.scaler.is_enabled() and ckpt.scaler:  # fp16 resumed from fp16: the exact loss scale
             self.step_fn.scaler.load_state_dict(ckpt.scaler)
         self.gen.set_state(ckpt.rng["noise"])
@@ -274,6 +277,7 @@ class Run:
             raise UserError(f"the weights are not finite at step {self.step} (images {self.images}); {kept}")
         w = self.world
         rng = {"noise": self.gen.get_state(), "torch_cpu": torch.get_rng_state()}
+        self.step_fn.update.settle()  # a skipped update's step counts taken back before they are read
         if w.launched:
             net = parallel.full_weights({k: v for k, v in self.model.named_parameters()}, w)
             ema = parallel.full_weights(self.ema.params, w)
@@ -464,30 +468,42 @@ def train(spec: Spec, out: Path, resume: bool = False, progress: bool = True, ve
     meter.load(run.saved_meta.get("meter"))  # the steps since the last metrics line, when the checkpoint fell between two
     rate_t0, rate_img0 = time.perf_counter(), run.images
     t_start, wall0 = time.perf_counter(), run.wall
-    warned, stalled = False, 0  # non-finite: announced yet?  consecutive steps without an update
+    watch, warned = Watch(run.device), False  # non-finite: counted on the device; announced yet?
     mode = t.progress if progress and world.main else "off"
     with Progress(spec.name, t.total_images, run.images, mode, t.progress_every_s) as bar:
         while run.images < t.total_images:
             inp = draw_inputs(next(stream), run.gen, spec, run.step, run.images, run.device, world)
             out_step = run.step_fn(inp, first=world.rank * local_batch, images=run.images)
-            if out_step.n_nonfinite and not warned:
-                warned = True  # counted over every process; rank 0 says it
-                if world.main:
-                    bar.note(f"warning: step {run.step + 1}: {out_step.n_nonfinite} of {out_step.n_samples} samples "
-                             "had a non-finite tangent or prediction and were masked (loss weight 0); "
-                             "metrics.jsonl counts them under 'nonfinite'")
-            stalled = stalled + 1 if out_step.skipped and not out_step.loss_scale_overflow else 0
-            if stalled >= NONFINITE_PATIENCE:  # raise before the EMA, the metrics or a checkpoint see this step
-                why = ("every sample had a non-finite tangent or prediction" if out_step.n_nonfinite == out_step.n_samples
-                       else "the loss or gradient norm was not finite")
-                kept = f"the last checkpoint {out / CKPT} is kept" if (out / CKPT).exists() else "no checkpoint was written"
-                raise UserError(f"{why} for {stalled} consecutive steps (up to step {run.step + 1}); training stopped, {kept}")
+            watch.add(out_step)
+            before, after = run.images, run.images + t.batch
+            wall = wall0 + time.perf_counter() - t_start
+            writes = (after >= t.total_images or _every(before, after, t.log_every_images)
+                      or _every(before, after, t.ckpt_every_images))
+            reading = watch.due() or writes  # the same on every process (the report is global)
+            if world.size == 1:
+                stop = t.time_limit_s > 0 and wall >= t.time_limit_s
+            else:  # every process stops at the same step: agreed when the watch reads anyway (no extra sync)
+                stop = t.time_limit_s > 0 and reading and bool(parallel.all_reduce(
+                    torch.tensor(int(wall >= t.time_limit_s), device=run.device), "max", world))
+            if reading or stop:  # raise before the EMA, the metrics or a checkpoint see this step
+                seen = watch.read()
+                if seen.nonfinite and not warned:
+                    warned = True  # counted over every process; rank 0 says it
+                    if world.main:
+                        last, first = run.step + 1, run.step + 2 - seen.steps
+                        steps = f"step {last}" if first == last else f"steps {first}-{last}"
+                        bar.note(f"warning: {steps}: {seen.nonfinite} of {seen.steps * out_step.n_samples} samples "
+                                 "had a non-finite tangent or prediction and were masked (loss weight 0); "
+                                 "metrics.jsonl counts them under 'nonfinite'")
+                if seen.stalled >= NONFINITE_PATIENCE:
+                    why = ("every sample had a non-finite tangent or prediction" if seen.all_masked
+                           else "the loss or gradient norm was not finite")
+                    kept = f"the last checkpoint {out / CKPT} is kept" if (out / CKPT).exists() else "no checkpoint was written"
+                    raise UserError(f"{why} for {seen.stalled} consecutive steps (up to step {run.step + 1}); "
+                                    f"training stopped, {kept}")
             run.ema.update(run.model, ema_beta(t.batch, run.images + t.batch, t.ema_halflife_images, t.ema_rampup))
             meter.add(out_step, inp.t)
-            before, run.images, run.step = run.images, run.images + t.batch, run.step + 1
-            run.wall = wall0 + time.perf_counter() - t_start
-            stop = t.time_limit_s > 0 and bool(parallel.all_reduce(  # every process stops at the same step
-                torch.tensor(int(run.wall >= t.time_limit_s), device=run.device), "max", world))
+            run.images, run.step, run.wall = after, run.step + 1, wall
             done = run.images >= t.total_images or stop
             if _every(before, run.images, t.log_every_images) or done:
                 rec = meter.flush()

@@ -16,7 +16,7 @@ from scm_graph.train.parallel import World
 from scm_graph.train.step import StepOut
 
 T_BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, math.pi / 2)  # per-t-bucket loss edges
-_OPS = {"w_min": "min", "w_max": "max"}  # every other sum is summed over processes
+_OPS = {"w_min": "min", "w_max": "max", "skipped": "max"}  # every other sum is summed over processes (skips are agreed)
 
 
 @dataclass
@@ -30,7 +30,6 @@ class Meter:
     device: torch.device
     world: World = field(default_factory=World)
     n: int = 0
-    skipped: int = 0
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -42,10 +41,11 @@ class Meter:
         ok = ~out.nonfinite
         okf = ok.float()
         mse = torch.where(ok, out.mse.float(), 0.0)
-        applied = not out.skipped  # an applied step has a finite loss and gradient norm
+        skipped = torch.as_tensor(out.skipped, device=self.device)  # an applied step has a finite loss and gradient norm
         vals = {
-            "loss": out.loss.float() if applied else torch.zeros((), device=self.device),
-            "grad_norm": out.grad_norm.float() if applied else torch.zeros((), device=self.device),
+            "loss": torch.where(skipped, 0.0, out.loss.float()),
+            "grad_norm": torch.where(skipped, 0.0, out.grad_norm.float()),
+            "skipped": skipped.long(),
             "mse": mse.sum(),
             "tangent_norm": torch.where(ok, out.tangent_norm.float(), 0.0).sum(),
             "n_samples_ok": okf.sum(),
@@ -60,7 +60,6 @@ class Meter:
         self.sums["w_min"] = torch.minimum(self.sums["w_min"], w_lo) if "w_min" in self.sums else w_lo
         self.sums["w_max"] = torch.maximum(self.sums["w_max"], w_hi) if "w_max" in self.sums else w_hi
         self.n += 1
-        self.skipped += int(out.skipped)
 
     def _reduced(self) -> dict[str, torch.Tensor]:
         """The sums over all processes (copies; collective under torchrun, where every process has the same keys).
@@ -76,20 +75,23 @@ class Meter:
     def state(self) -> dict:
         """The running sums as JSON with their dtypes (a checkpoint between two metrics lines carries them; exact).
         Collective under torchrun: the sums are over all processes (rank 0 carries them on resume)."""
-        sums = self._reduced()
-        return {"n": self.n, "skipped": self.skipped,
+        sums = dict(self._reduced())
+        skipped = int(sums.pop("skipped", 0))
+        return {"n": self.n, "skipped": skipped,
                 "sums": {k: [str(v.dtype).removeprefix("torch."), v.cpu().flatten().tolist()] for k, v in sums.items()}}
 
     def load(self, state: dict | None) -> None:
         """Continue the sums of `state()` (none: start empty); under torchrun only rank 0 takes the sums."""
         if not state:
             return
-        self.n, self.skipped = int(state["n"]), int(state["skipped"])
+        self.n = int(state["n"])
         if not self.world.main:
             return
         shapes = {"bucket_sum": (len(T_BUCKETS) - 1,), "bucket_n": (len(T_BUCKETS) - 1,)}
         self.sums = {k: torch.tensor(v, dtype=getattr(torch, dtype), device=self.device).reshape(shapes.get(k, ()))
                      for k, (dtype, v) in state["sums"].items()}
+        if self.sums:  # the skip count is agreed by every process: rank 0 carries it
+            self.sums["skipped"] = torch.tensor(int(state["skipped"]), device=self.device)
         if self.world.size > 1:  # its loss and grad norm sums stand for all processes
             for k in ("loss", "grad_norm"):
                 if k in self.sums:
@@ -97,7 +99,8 @@ class Meter:
 
     def flush(self) -> dict:
         s = {k: v.cpu() for k, v in self._reduced().items()}
-        applied, n_ok = self.n - self.skipped, float(s["n_samples_ok"])
+        skipped = int(s["skipped"])
+        applied, n_ok = self.n - skipped, float(s["n_samples_ok"])
 
         def mean(key: str, count: float) -> float | None:
             return float(s[key]) / count if count > 0 else None
@@ -108,6 +111,6 @@ class Meter:
         cnt = s["bucket_n"].clamp(min=1)
         rec["mse_by_t"] = {f"{T_BUCKETS[i]:.1f}-{T_BUCKETS[i + 1]:.1f}": round(float(s["bucket_sum"][i] / cnt[i]), 6)
                            for i in range(len(cnt)) if s["bucket_n"][i] > 0}
-        rec["nonfinite"], rec["skipped"] = int(s["nonfinite"]), self.skipped
-        self.n, self.skipped, self.sums = 0, 0, {}
+        rec["nonfinite"], rec["skipped"] = int(s["nonfinite"]), skipped
+        self.n, self.sums = 0, {}
         return rec

@@ -12,12 +12,14 @@ so Dynamo sees the casts; AOTAutograd compiles its backward graph too, so the wh
 forward-JVP-backward runs compiled, with `scm_graph.ops.zero_tangents`' pass dropping the products with
 zero weight tangents that forward-mode AD leaves in the graph. `compile=False` runs exactly the same Python eagerly.
 Single-process sCT / sCD on an accelerator take the gradient through the JVP's own primal output (one JVP and one
-backward per step, `objectives.sct.fuses`); on the CPU and under torchrun the two passes stay separate (on the CPU
+backward per step; `objective.fused_pass`); on the CPU and under torchrun the two passes stay separate (on the CPU
 they are faster; under torchrun the gradient pass must go through the wrapper).
 
 Non-finite values never reach the weights: the objective masks samples with a non-finite tangent
 (`ObjectiveOut.nonfinite`), and a step whose loss or gradient norm is still not finite, or whose
-every sample was masked, skips the optimiser update (fp16: the GradScaler also backs off its scale).
+every sample was masked, skips the optimiser update (fp16: the GradScaler also backs off its scale). On an
+accelerator that decision stays on the device (`scm_graph.train.update`), so a step needs no host sync; its
+report (`StepOut`) stays there too, for the loop to read every few steps.
 """
 
 from __future__ import annotations
@@ -35,25 +37,23 @@ from scm_graph.precision import amp_dtype, autocast, make_scaler
 from scm_graph.spec import OptimSpec, Spec
 from scm_graph.train import parallel
 from scm_graph.train.parallel import World
+from scm_graph.train.update import GuardedUpdate, make_optimizer
 
 
 @dataclass
 class StepOut:
+    """What one step reports, left on the device (reading a field on the host syncs; the loop does so every few steps)."""
+
     loss: Tensor  # []
     mse: Tensor  # [B]
     w: Tensor  # [B]
     tangent_norm: Tensor  # [B]
     grad_norm: Tensor  # []
     nonfinite: Tensor  # [B] bool: samples masked out by the objective (loss weight 0)
-    n_nonfinite: int  # their count over the global batch (all processes)
-    skipped: bool  # the optimiser update was skipped (non-finite loss / gradient, or every sample masked)
-    loss_scale_overflow: bool = False  # fp16: the skip was the loss scaler backing off (expected now and then)
+    n_nonfinite: Tensor | int  # [] their count over the global batch (all processes)
+    skipped: Tensor | bool  # [] bool: the optimiser update was skipped (non-finite loss / gradient, or every sample masked)
+    loss_scale_overflow: Tensor | bool = False  # [] bool, fp16: the skip was the loss scaler backing off (expected now and then)
     n_samples: int = 0  # the global batch size (all processes)
-
-
-def make_optimizer(params: list[nn.Parameter], cfg: OptimSpec) -> torch.optim.Optimizer:
-    cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[cfg.kind]
-    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
 def learning_rate(cfg: OptimSpec, images: int) -> float:
@@ -97,7 +97,8 @@ def micro_batches(inp: StepInputs, accum: int, first: int) -> list[StepInputs]:
 
 class TrainStep:
     def __init__(self, model: nn.Module, spec: Spec, compile: bool | None = None, teacher: nn.Module | None = None,
-                 wrapped: Wrapped | None = None):
+                 wrapped: Wrapped | None = None, device_skip: bool | None = None):
+        """`device_skip`: decide the update on the device, with no host sync (default: off the CPU)."""
         self.model = model
         self.params = dict(model.named_parameters())
         self.grad_clip = spec.optim.grad_clip
@@ -105,12 +106,14 @@ class TrainStep:
         self.wrapped = wrapped
         self.world = wrapped.world if wrapped else World()
         self.optim_cfg = spec.optim
-        self.optimizer = make_optimizer(list(self.params.values()), spec.optim)
+        device_type = next(iter(self.params.values())).device.type
+        self.device_skip = device_type != "cpu" if device_skip is None else device_skip
+        self.optimizer = make_optimizer(list(self.params.values()), spec.optim, self.device_skip)
+        self.update = GuardedUpdate(self.optimizer)  # call update.settle() before reading the optimiser's state
         self.renormalize = getattr(getattr(model, "net", None), "renormalize_", None)  # EDM2's forced weight normalisation
         objective, cfg = get_objective(spec.objective.kind, teacher), spec.objective  # sCD: the frozen teacher
         self.precision = spec.train.precision
         amp_dtype(self.precision)  # one-line error for an unknown precision, before any compilation
-        device_type = next(iter(self.params.values())).device.type
         self.device_type = device_type
         self.scaler = make_scaler(device_type, self.precision)  # fp16 only; a no-op otherwise
         precision = self.precision
@@ -167,20 +170,22 @@ class TrainStep:
         grad_norm = parallel.local(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
         out = ObjectiveOut(torch.stack([o.loss.detach() for o in outs]).mean(), *(torch.cat([getattr(o, k) for o in outs])
                            for k in ("mse", "w", "tangent_norm", "nonfinite")))
-        # one host sync: how many samples were masked, and whether loss and gradient norm are finite
-        flags = torch.stack([out.nonfinite.sum(), (~torch.isfinite(out.loss)).long(), (~torch.isfinite(grad_norm)).long(),
-                             torch.tensor(out.nonfinite.numel(), device=out.loss.device)])
-        n_bad, loss_bad, grad_bad, n = parallel.all_reduce(flags, "sum", self.world).tolist()  # every process decides alike
-        loss_ok, grad_ok = not loss_bad, not grad_bad
+        # how many samples were masked, and whether loss and gradient norm are finite: agreed by every process
+        flags = torch.stack([out.nonfinite.sum(), (~torch.isfinite(out.loss)).long(), (~torch.isfinite(grad_norm)).long()])
+        n_bad, loss_bad, grad_bad = parallel.all_reduce(flags, "sum", self.world).unbind()
+        n = out.nonfinite.numel() * self.world.size  # every process holds an equal share of the global batch
         some_ok = n_bad < n  # an all-masked batch carries no signal: no update
-        apply = bool(loss_ok and grad_ok) and some_ok
-        if apply:
+        apply = (loss_bad == 0) & (grad_bad == 0) & some_ok
+        if self.device_skip:  # no host sync: the update runs either way, guarded by the flag on the device
+            self.update(apply)
+        elif apply:  # the CPU: read the flag
             self.scaler.step(self.optimizer)  # = optimizer.step() unless fp16 (whose own inf check agrees here)
-            if self.renormalize is not None:
-                self.renormalize()  # weights back onto their spheres (EDM2 Eq. 66), outside every traced function
+        if self.renormalize is not None and self.device_skip:
+            self.renormalize(apply)  # weights back onto their spheres (EDM2 Eq. 66) where the update was applied
+        elif self.renormalize is not None and apply:
+            self.renormalize()
         if self.scaler.is_enabled():
             self.scaler.update()  # fp16: backs the scale off after an overflow, grows it after clean steps
         self.optimizer.zero_grad(set_to_none=True)
-        overflow = self.scaler.is_enabled() and bool(loss_ok) and not grad_ok and some_ok
-        return StepOut(out.loss, out.mse, out.w, out.tangent_norm, grad_norm.detach(), out.nonfinite,
-                       int(n_bad), not apply, overflow, int(n))
+        overflow = (loss_bad == 0) & (grad_bad > 0) & some_ok & self.scaler.is_enabled()
+        return StepOut(out.loss, out.mse, out.w, out.tangent_norm, grad_norm.detach(), out.nonfinite, n_bad, ~apply, overflow, n)

@@ -286,3 +286,33 @@ def test_trains_two_steps_with_the_real_step_and_renormalizes_after_the_update(k
             rms = m.weight.detach().flatten(1).square().mean(1)
             torch.testing.assert_close(rms, torch.ones_like(rms), rtol=1e-5, atol=1e-5)  # ... and it is back on its sphere
     assert order == ["step", "renormalize"] * 2
+
+
+def test_a_skipped_update_decided_on_the_device_leaves_the_weights_as_they_were(torch_defaults):
+    """The accelerators' update (guarded on the device) on the CPU: a NaN loss between two clean steps is skipped,
+    the renormalisation after it too, and the run ends bit for bit where the host's decision ends it (a second
+    renormalisation would move about a third of the weights by one ulp)."""
+    spec = _spec(class_conditional=True)
+    spec = dataclasses.replace(spec, optim=dataclasses.replace(spec.optim, kind="radam"))
+    ends = []
+    for device_skip in (False, True):
+        torch.manual_seed(0)
+        model = build_model(spec).train()
+        with torch.no_grad():
+            model.net.out_gain.fill_(0.5)
+        step = TrainStep(model, spec, compile=False, device_skip=device_skip)
+        g = torch.Generator().manual_seed(1)
+        for i in range(3):
+            inp = StepInputs(torch.randn(8, 1, 8, 8, generator=g) * 0.5, torch.randn(8, 1, 8, 8, generator=g) * 0.5,
+                             torch.rand(8, generator=g) * 1.5 + 0.02, torch.randint(-1, 10, (8,), generator=g),
+                             torch.tensor(i), torch.tensor(0.5))
+            if i == 1:
+                inp.x0.fill_(float("nan"))  # every sample masked: no update
+                before = {k: v.detach().clone() for k, v in model.named_parameters()}
+            out = step(inp)
+            assert bool(out.skipped) == (i == 1)
+            if i == 1:
+                assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())
+        ends.append({k: v.detach().clone() for k, v in model.named_parameters()})
+    for k in ends[0]:
+        assert torch.equal(ends[0][k], ends[1][k]), k

@@ -5,7 +5,8 @@ one plain process, in float64.
 
 Every process builds the same tiny network, the same global batches (same images, noise, times, dropout key)
 and a plain single-process reference (`World()`: no wrapper, the whole batch, accum 1), then trains its copy
-under DDP and FSDP2 on its half of each batch (with accum 1 and 2) for 3 steps, for sCT, sCD and diffusion.
+under DDP and FSDP2 on its half of each batch (with accum 1 and 2) for 3 steps, for sCT, sCD and diffusion;
+and sCT with RAdam, its second batch all non-finite, with the update decided on the device (as on an accelerator).
 Rank 0 writes, per case, the largest differences of the losses and of the parameters after 3 steps and of
 the JVP pass's F^- and tangent, all against the reference.
 """
@@ -81,14 +82,16 @@ def reference(spec: Spec, data: list[StepInputs]) -> tuple[list[float], dict[str
     return losses, {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-def wrapped_run(spec: Spec, data: list[StepInputs], world: parallel.World) -> tuple[list[float], dict[str, torch.Tensor]]:
+def wrapped_run(spec: Spec, data: list[StepInputs], world: parallel.World,
+                device_skip: bool = False) -> tuple[list[float], dict[str, torch.Tensor]]:
     model = fresh_model(spec)
     run = Run.__new__(Run)  # only its wrapping: the real code path, without a run folder
     run.spec, run.world, run.model, run.device = spec, world, model, torch.device("cpu")
     wrapped = run._wrap()
     if spec.train.parallel == "fsdp":
         wrapped.plain.double()
-    step = TrainStep(model, spec, teacher=teacher_for(spec), wrapped=wrapped)
+    step = TrainStep(model, spec, teacher=teacher_for(spec), wrapped=wrapped, device_skip=device_skip)
+    step.update.lag_counters = device_skip  # as on an accelerator: RAdam's step counts taken back after the fact
     n = B // world.size
     losses = []
     for inp in data:
@@ -147,6 +150,19 @@ def main() -> None:
                     "moved": max(float((ref_params[k] - fresh_model(spec).state_dict()[k]).abs().max()) for k in ref_params),
                     "jvp": jvp_check(spec, data, world),
                 }
+    for pk in ("ddp", "fsdp"):  # the accelerators' update, guarded on the device, with RAdam and a skipped step
+        spec = case_spec("sct", 1, pk)
+        spec = dataclasses.replace(spec, optim=OptimSpec(kind="radam", lr=1e-3))
+        data = batches(spec, False)
+        data[1].x0.fill_(float("nan"))  # every sample masked: the second update is skipped
+        ref_losses, ref_params = reference(spec, data)
+        losses, params = wrapped_run(spec, data, world, device_skip=True)
+        results[f"sct/{pk}/device_skip"] = {
+            "loss": max(abs(a - b) for a, b in zip(losses, ref_losses)),
+            "params": max(float((params[k] - ref_params[k]).abs().max()) for k in ref_params),
+            "moved": max(float((ref_params[k] - fresh_model(spec).state_dict()[k]).abs().max()) for k in ref_params),
+            "jvp": 0.0,
+        }
     results["ddp_bucket_storages"] = ddp_bucket_storages(world)
     if world.main:
         with open(out_path, "w") as f:

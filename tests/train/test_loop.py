@@ -420,3 +420,41 @@ def test_resume_keeps_icts_curriculum():
     tr.check_resumable(with_("ict", 64_000), with_("ict", 64_000), Path("c"))
     with pytest.raises(UserError, match=r"iCT's curriculum .* cannot change from 64000 \(checkpoint c\) to 128000"):
         tr.check_resumable(with_("ict", 64_000), with_("ict", 128_000), Path("c"))
+
+
+@pytest.mark.parametrize(("poisoned_step", "total", "skips"), [(2, 96, [1, 0]), (1, 32, [1])])
+def test_updates_decided_on_the_device_give_the_hosts_run(tmp_path: Path, shard_root: Path, monkeypatch,
+                                                          poisoned_step: int, total: int, skips: list[int]):
+    """The accelerators' way, forced on the CPU: every update guarded on the device, RAdam's step counts taken back
+    after the fact, the step's report read every few steps. With every sample of one step poisoned (that update
+    skipped) and checkpoints between metrics lines, the run's checkpoint and metrics equal the host's: with the
+    skip in the middle of the run, and as the last step before a checkpoint (its counts taken back before saving)."""
+    from scm_graph.train.step import TrainStep
+
+    real_draw = tr.draw_inputs
+
+    def poisoned(b, gen, spec, step, *args, **kw):
+        inp = real_draw(b, gen, spec, step, *args, **kw)
+        if step == poisoned_step:
+            inp.x0.fill_(float("nan"))
+        return inp
+
+    class OnTheDevice(TrainStep):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw, device_skip=True)
+            self.update.lag_counters = True
+
+    monkeypatch.setattr(tr, "draw_inputs", poisoned)
+    extra = ("--train.log_every_images", "48", "--train.ckpt_every_images", "32")
+    train_main("digits_sct.py", *tiny_args(shard_root, tmp_path / "host", total, *extra))
+    monkeypatch.setattr(tr, "TrainStep", OnTheDevice)
+    train_main("digits_sct.py", *tiny_args(shard_root, tmp_path / "device", total, *extra))
+    host, dev = (load_checkpoint(tmp_path / r / "ckpt.safetensors") for r in ("host", "device"))
+    assert_tensors_identical(host.net, dev.net)
+    assert_tensors_identical(host.ema, dev.ema)
+    assert host.optim["state"].keys() == dev.optim["state"].keys()
+    for i in host.optim["state"]:
+        assert_tensors_identical(host.optim["state"][i], dev.optim["state"][i])
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in ("img_per_s", "wall_s", "spec")} for r in recs]
+    h, d = strip(read_metrics(tmp_path / "host")), strip(read_metrics(tmp_path / "device"))
+    assert h == d and [r["skipped"] for r in h if "skipped" in r] == skips

@@ -73,7 +73,7 @@ def test_wrapped_steps_equal_one_process(tmp_path):
     ok(run(torchrun("-m", "tests.train.parallel_worker", str(out)), timeout=600))
     results = json.loads(out.read_text())
     assert results.pop("ddp_bucket_storages") == 1  # DDP's gradients are its buckets: no second copy
-    assert len(results) == 12  # {sct, scd, diffusion} x {ddp, fsdp} x accum {1, 2}
+    assert len(results) == 14  # {sct, scd, diffusion} x {ddp, fsdp} x accum {1, 2}; sCT x {ddp, fsdp} decided on the device
     for case, r in results.items():
         assert r["moved"] > 1e-4, case  # the 3 steps really trained
         assert r["loss"] < TOL and r["params"] < TOL and r["jvp"] < TOL, (case, r)
