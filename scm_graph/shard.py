@@ -1,6 +1,6 @@
 """Write an image dataset as webdataset shards plus a manifest: `python -m scm_graph.shard SOURCE ...`.
 
-    python -m scm_graph.shard digits
+    python -m scm_graph.shard digits [--split train | heldout]
     python -m scm_graph.shard cifar10 --src cifar-10-python.tar.gz [--split test]
     python -m scm_graph.shard folder --src DIR --resolution 64 [--no-labels]
     python -m scm_graph.shard imagenet --src DIR --resolution 64                            # -> shards/imagenet64
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from scm_graph.data.cifar10 import cifar10_source
 from scm_graph.data.codec import LATENT_DTYPES, LatentCodec, PixelCodec
-from scm_graph.data.digits import digits_source
+from scm_graph.data.digits import N_HELDOUT, SPLITS, digits_source, set_name
 from scm_graph.data.folder import folder_source
 from scm_graph.data.imagenet import class_folders, list_class_files
 from scm_graph.data.manifest import LATENT_STORED
@@ -39,7 +39,10 @@ def _build_parser() -> argparse.ArgumentParser:
     common.add_argument("--name", default=None, help="shard set name (default: the source name)")
     common.add_argument("--shard-size", type=int, default=10000, help="samples per tar file (default: 10000)")
     common.add_argument("--force", action="store_true", help="replace an existing shard set")
-    sub.add_parser("digits", parents=[common], help="sklearn's 8x8 digits (1x8x8, 10 classes)")
+    d = sub.add_parser("digits", parents=[common], help="sklearn's 8x8 digits (1x8x8, 10 classes)")
+    d.add_argument("--split", choices=SPLITS, default="all",
+                   help=f"all 1797 (default), or train / heldout: a fixed split holding back {N_HELDOUT} images, to score "
+                        "FD against images the model never saw (default names digits-train, digits-heldout)")
     c = sub.add_parser("cifar10", parents=[common], help="CIFAR-10, official python version")
     c.add_argument("--src", required=True, help="cifar-10-python.tar.gz or the extracted cifar-10-batches-py/")
     c.add_argument("--split", choices=("train", "test"), default="train", help="default: train")
@@ -64,7 +67,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _make_source(args: argparse.Namespace) -> Source:
     if args.source == "digits":
-        return digits_source()
+        return digits_source(args.split)
     if args.source == "cifar10":
         return cifar10_source(args.src, args.split)
     return folder_source(args.src, args.resolution, labels=not args.no_labels, jobs=args.jobs)
@@ -76,6 +79,8 @@ def _default_name(args: argparse.Namespace) -> str:
         return args.name
     if args.source == "cifar10":
         return "cifar10" if args.split == "train" else "cifar10-test"
+    if args.source == "digits":
+        return set_name(args.split)
     if args.source == "folder":
         return Path(args.src).resolve().name
     if args.source == "imagenet":

@@ -161,3 +161,37 @@ def test_folder_jobs_below_one_is_one_line(tmp_path: Path, capsys, jobs: str, mo
     with pytest.raises(SystemExit) as e:
         main(["folder", "--src", str(tmp_path), "--resolution", "8", "--jobs", jobs, "--out", str(tmp_path / "out")])
     assert e.value.code == 2 and capsys.readouterr().err == f"error: --jobs must be at least 1, not {jobs}\n"
+
+
+def test_digits_splits_partition_the_digits(tmp_path: Path):
+    """`shard digits --split train` and `--split heldout`: 1500 and 297 of the 1797 images under their own names,
+    together every image once, each with its label (a fixed split: the same on every run)."""
+    import numpy as np
+
+    from scm_graph.data.digits import N_HELDOUT, load_digits_uint8, split_indices
+    from scm_graph.data.stream import read_all
+    from scm_graph.spec import DataSpec
+
+    images, labels = load_digits_uint8()
+    got = {}
+    for split in ("train", "heldout"):
+        main(["digits", "--split", split, "--out", str(tmp_path)])
+        name = f"digits-{split}"
+        assert json.loads((tmp_path / name / "manifest.json").read_text())["count"] == (N_HELDOUT if split == "heldout" else 1500)
+        got[split] = list(read_all(DataSpec(name=name, root=str(tmp_path))))
+    keys = [(x.tobytes(), y) for split in ("train", "heldout") for x, y in zip(*_arrays(got[split]))]
+    assert sorted(keys) == sorted((x.tobytes(), int(y)) for x, y in zip(images, labels))  # each image exactly once
+    for split in ("train", "heldout"):
+        x, y = _arrays(got[split])
+        idx = split_indices(split)
+        assert np.array_equal(x, images[idx]) and np.array_equal(y, labels[idx])  # in the original order
+    assert np.array_equal(split_indices("heldout"), split_indices("heldout"))  # fixed
+    assert len(np.intersect1d(split_indices("train"), split_indices("heldout"))) == 0
+
+
+def _arrays(samples) -> tuple:
+    """read_all's (uint8 CHW bytes, label) pairs as arrays [N, 1, 8, 8] and [N]."""
+    import numpy as np
+
+    xs, ys = zip(*samples)
+    return np.stack([np.frombuffer(x, np.uint8).reshape(1, 8, 8) for x in xs]), np.asarray([int(y) for y in ys])

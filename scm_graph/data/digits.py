@@ -19,7 +19,30 @@ def load_digits_uint8() -> tuple[np.ndarray, np.ndarray]:
     return images, d.target.astype(np.int64)
 
 
-def digits_source() -> Source:
-    """sklearn's 8x8 digits (1x8x8, labels 0..9)."""
+SPLITS = ("all", "train", "heldout")
+N_HELDOUT = 297  # held back from training (the digits' last sixth), for FD against images no model has seen
+SPLIT_SEED = 0
+
+
+def split_indices(split: str, n: int = 1797) -> np.ndarray:
+    """The images of a split, in their original order: 'all'; 'train' and 'heldout' partition a fixed permutation
+    (numpy's generator seeded SPLIT_SEED), the held-out set its last N_HELDOUT."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown digits split {split!r}")
+    if split == "all":
+        return np.arange(n)
+    perm = np.random.default_rng(SPLIT_SEED).permutation(n)
+    return np.sort(perm[: n - N_HELDOUT] if split == "train" else perm[n - N_HELDOUT:])
+
+
+def set_name(split: str) -> str:
+    """The shard set's default name: 'digits', 'digits-train' or 'digits-heldout'."""
+    return "digits" if split == "all" else f"digits-{split}"
+
+
+def digits_source(split: str = "all") -> Source:
+    """sklearn's 8x8 digits (1x8x8, labels 0..9), all of them or one split (`split_indices`)."""
     images, labels = load_digits_uint8()
-    return array_source("digits", "sklearn.datasets.load_digits", images, labels, tuple(str(i) for i in range(10)))
+    keep = split_indices(split, len(images))
+    desc = "sklearn.datasets.load_digits" + ("" if split == "all" else f" ({split} split: {len(keep)} of {len(images)}, seed {SPLIT_SEED})")
+    return array_source(set_name(split), desc, images[keep], labels[keep], tuple(str(i) for i in range(10)))

@@ -3,6 +3,8 @@
     python -m scm_graph.eval --ckpt run/ckpt.safetensors --steps 1 2 [--t-mid 1.1]        # digits: fd_digits
     python -m scm_graph.eval --ckpt X --steps 1 2 --metric fid fd_dinov2 --ref refs/cifar10.npz [--n 50000]
     python -m scm_graph.eval ref --shards shards/cifar10 --out refs/cifar10.npz [--metric fid fd_dinov2]
+    python -m scm_graph.eval ref --shards shards/digits-heldout --out refs/digits-heldout.npz --metric fd_digits
+    python -m scm_graph.eval --ckpt X --ref refs/digits-heldout.npz           # fd_digits against the held-out digits
 
 Launched by torchrun, the processes split the samples (or real images) and rank 0 prints.
 `--floor` (digits) adds the FD of two halves of the real data, the best a sample set of that size can score.
@@ -136,7 +138,8 @@ def ref_main(argv: list[str]) -> None:
                        description="Reference statistics (float64 feature moments) of a pixel shard set, for --ref.")
     p.add_argument("--shards", required=True, help="a pixel shard set folder (shards/cifar10)")
     p.add_argument("--out", required=True, help="the .npz to write (an existing file is kept unless --force)")
-    p.add_argument("--metric", nargs="+", choices=[m for m in METRICS if m != "fd_digits"], default=["fid"])
+    p.add_argument("--metric", nargs="+", choices=list(METRICS), default=["fid"],
+                   help="fid, fd_dinov2, or fd_digits (the digits' held-out split: --shards shards/digits-heldout)")
     p.add_argument("--n", "--num-samples", dest="n", type=int, default=None, help="use the first N images (default: all; under torchrun spell it --num-samples)")
     p.add_argument("--force", action="store_true", help="overwrite --out")
     _weights_args(p)
@@ -159,6 +162,8 @@ def ref_main(argv: list[str]) -> None:
         raise UserError(f"{folder} holds VAE latents; compute references from a pixel shard set of the same images "
                         "(shard them again without --vae)")
     shape = tuple(m.shape)
+    if "fd_digits" in a.metric and shape != (1, 8, 8):
+        raise UserError(f"fd_digits scores the 8x8 digits only; {folder} holds {'x'.join(map(str, shape))} images")
     n = min(a.n or m.count, m.count)
     world, device = parallel.join(a.device, 600.0)
     try:

@@ -67,9 +67,10 @@ def is_digits(spec: Spec) -> bool:
 
 def load_metrics(spec: Spec, device: torch.device | str, metrics: list[str] | tuple[str, ...], ref: str = "",
                  weights: FeatureWeights | None = None, ref_flag: str = "--ref") -> Metrics:
-    """The metrics' feature networks on `device` and their references: the real digits for fd_digits, the
-    file `ref` for the others. Everything that can fail before sampling fails here, as one line: unknown or
-    repeated metrics, fd_digits on other data, a missing or unfitting reference, weights that do not load."""
+    """The metrics' feature networks on `device` and their references: the file `ref` for fid and fd_dinov2, and
+    for fd_digits where `ref` holds its statistics (a held-out split's, from `eval ref --metric fd_digits`), else all
+    1797 real digits. Everything that can fail before sampling fails here, as one line: unknown or repeated metrics,
+    fd_digits on other data, a missing or unfitting reference, weights that do not load."""
     check_metrics(metrics)
     if not metrics:
         raise UserError("no metric to compute")
@@ -85,9 +86,12 @@ def load_metrics(spec: Spec, device: torch.device | str, metrics: list[str] | tu
     need = [m for m in metrics if m != "fd_digits"]
     if need and not ref:
         raise UserError(f"{need[0]} needs reference statistics: pass {ref_flag} FILE (make one with python -m scm_graph.eval ref)")
-    if ref and not need:
-        raise UserError(f"{ref_flag} {ref} is for fid / fd_dinov2; fd_digits uses the built-in real digits")
-    refs.update(load_refs(ref, need) if need else {})
+    if ref:
+        got = load_refs(ref, need, optional=("fd_digits",) if "fd_digits" in metrics else ())
+        if not need and not got:
+            raise UserError(f"{ref_flag} {ref} holds no fd_digits statistics (make them with python -m scm_graph.eval ref "
+                            "--metric fd_digits --shards shards/digits-heldout)")
+        refs.update(got)
     nets = [feature_net(m, weights, device) for m in metrics]
     for net in nets:  # before sampling: a mismatch would otherwise surface only after all n samples
         if refs[net.metric].mu.shape[0] != net.dim:

@@ -27,8 +27,9 @@ def save_refs(path: str | Path, stats: dict[str, FeatureStats], source: str) -> 
     write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
-def load_refs(path: str | Path, metrics: list[str] | tuple[str, ...]) -> dict[str, FeatureStats]:
-    """The statistics of each of `metrics` in `path`; a one-line UserError when the file lacks one."""
+def load_refs(path: str | Path, metrics: list[str] | tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, FeatureStats]:
+    """The statistics of each of `metrics` in `path`; a one-line UserError when the file lacks one. Those of
+    `optional` only where the file holds them."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"reference statistics {path} not found (make them with: python -m scm_graph.eval ref --shards DIR --out {path})")
@@ -40,7 +41,8 @@ def load_refs(path: str | Path, metrics: list[str] | tuple[str, ...]) -> dict[st
     except Exception as e:  # noqa: BLE001 - any unreadable file is one line
         raise UserError(f"cannot read reference statistics {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     out: dict[str, FeatureStats] = {}
-    for metric in metrics:
+    held = [m for m in optional if f"{m}_mu" in arrays and f"{m}_sigma" in arrays]
+    for metric in [*metrics, *held]:
         if f"{metric}_mu" in arrays and f"{metric}_sigma" in arrays:
             mu, sigma, n = arrays[f"{metric}_mu"], arrays[f"{metric}_sigma"], int(arrays.get(f"{metric}_n", np.array(0)))
         elif metric == "fid" and "mu" in arrays and "sigma" in arrays:  # clean-fid's file

@@ -116,7 +116,7 @@ def test_ref_refuses_an_existing_out_without_force(tmp_path: Path, shard_root: P
     assert _exit_line(capsys, [*base[:4], tmp_path / "refs.txt", *base[5:]]) == (
         f"error: --out {tmp_path / 'refs.txt'}: the file name must end in .npz")
     _exit_line(capsys, [*base, "--force", "--n", "1"], "--n must be at least 2, not 1")  # checked before any work
-    _exit_line(capsys, [*base, "--force", "--metric", "fd_digits"], "--metric", "invalid choice")
+    _exit_line(capsys, [*base, "--force", "--metric", "fd_nope"], "--metric", "invalid choice")
 
 
 def test_ref_refuses_a_latent_shard_set(tmp_path: Path, dinov2_repo: Path, capsys):
@@ -162,3 +162,35 @@ def test_eval_refs_errors_are_one_line(tmp_path: Path, sct_ckpt: Path, dinov2_re
     _exit_line(capsys, [*base, "--ref", ref], "--dinov2", "https://github.com/facebookresearch/dinov2")
     save_refs(ref, {"fd_dinov2": _stats(3, 10, 0)}, "x")  # 3 features; the stand-in makes 32
     _exit_line(capsys, [*base, "--ref", ref, "--dinov2", dinov2_repo], "the fd_dinov2 reference statistics hold 3 features, but its feature network makes 32")
+
+
+def test_fd_digits_against_the_held_out_digits(tmp_path: Path, sct_ckpt: Path, shard_root: Path, capsys):
+    """`eval ref --metric fd_digits` on the held-out split, then `eval --ref` with it: the FD of the samples against
+    exactly the held-out images' features (computed here directly); a file without fd_digits statistics, or
+    fd_digits on non-digits shards, is one line."""
+    import json
+
+    from scm_graph.data.digits import N_HELDOUT, load_digits_uint8, split_indices
+    from scm_graph.eval.digits import digits_features
+    from scm_graph.shard import main as shard_main
+
+    shard_main(["digits", "--split", "heldout", "--out", str(tmp_path / "shards")])
+    ref = tmp_path / "heldout.npz"
+    ev_cli.main(["ref", "--shards", str(tmp_path / "shards" / "digits-heldout"), "--out", str(ref), "--metric", "fd_digits"])
+    got = load_refs(ref, ["fd_digits"])["fd_digits"]
+    want = FeatureStats.of(digits_features(load_digits_uint8()[0][split_indices("heldout")]).astype(np.float64))
+    assert got.n == N_HELDOUT
+    np.testing.assert_allclose(got.mu, want.mu, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(got.sigma, want.sigma, rtol=1e-6, atol=1e-9)
+    capsys.readouterr()
+    args = ["--ckpt", str(sct_ckpt), "--steps", "1", "--n", "64", "--json"]
+    ev_cli.main(args)
+    everything = json.loads(capsys.readouterr().out.splitlines()[0])["fd"]
+    ev_cli.main([*args, "--ref", str(ref)])
+    heldout = json.loads(capsys.readouterr().out.splitlines()[0])["fd"]
+    assert heldout != everything  # the same samples, another reference
+    other = tmp_path / "other.npz"
+    save_refs(other, {"fd_dinov2": _stats(5, 40, 0)}, "no digits here")
+    _exit_line(capsys, [*args, "--ref", other], "holds no fd_digits statistics", "eval ref --metric fd_digits")
+    _exit_line(capsys, ["ref", "--shards", shard_root / "cifar10", "--out", tmp_path / "c.npz", "--metric", "fd_digits"],
+               "fd_digits scores the 8x8 digits only", "3x32x32")
