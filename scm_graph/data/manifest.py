@@ -116,6 +116,8 @@ def shard_hint(folder: Path, rewrite: bool = False) -> str:
         src = f"imagenet --src IMAGENET_DIR --resolution R{vae} --name {name}"
     if name == "cifar10":
         src = "cifar10 --src cifar-10-python.tar.gz"
+    if name in ("digits-train", "digits-heldout"):
+        src = f"digits --split {name.removeprefix('digits-')}"
     force = " --force" if rewrite else ""
     return f"run `python -m scm_graph.shard {src} --out {folder.parent}{force}`"
 

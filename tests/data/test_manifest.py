@@ -52,6 +52,9 @@ def test_missing_set_is_user_error(tmp_path: Path):
     assert str(tmp_path / "digits") in one_line_error(Manifest.load, tmp_path / "digits")
     assert "(folder missing)" in one_line_error(Manifest.load, tmp_path / "digits")
     assert one_line_error(Manifest.load, tmp_path / "digits").endswith(f"run `python -m scm_graph.shard digits --out {tmp_path}`")
+    for split in ("train", "heldout"):  # the digits' splits say how they are written too
+        assert one_line_error(Manifest.load, tmp_path / f"digits-{split}").endswith(
+            f"run `python -m scm_graph.shard digits --split {split} --out {tmp_path}`")
 
 
 def test_missing_shard_file(tmp_path: Path):
