@@ -13,6 +13,7 @@ of processes (`load_full_state`).
 from __future__ import annotations
 
 import datetime
+import gc
 import inspect
 import os
 from contextlib import AbstractContextManager, nullcontext
@@ -66,7 +67,11 @@ def join(device_name: str, timeout_s: float) -> tuple[World, torch.device]:
 
 
 def leave() -> None:
+    """Destroy the process group while the interpreter is whole. DDP and FSDP2 wrappers sit in reference cycles
+    that hold the group; left to the interpreter's exit, gloo's threads can abort the process (SIGABRT,
+    "terminate called without an active exception"), so collect them first."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -167,6 +167,7 @@ def main() -> None:
     if world.main:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)
+    torch.distributed.barrier()  # both processes are done with every collective before the group goes
     parallel.leave()
 
 
