@@ -8,12 +8,14 @@ non-finite samples and skipped steps in sweep.md. `just sweep specs/sweeps/fig5a
 
 from scm_graph.sweep import Sweep
 
+PAPER = ["--objective.P_std", "1.4", "--objective.adaptive_weighting", "true"]  # the paper's settings (digits_sct's own differ)
+
 SWEEP = Sweep(
     base="specs/digits_sct.py",
     images=64_000,
     seeds=(0, 1),
     args=["--train.compile", "false", "--train.eval_every_images", "16000", "--train.sample_every_images", "64000",
-          "--train.ckpt_every_images", "64000", "--train.progress", "lines"],
+          "--train.ckpt_every_images", "64000", "--train.progress", "lines", *PAPER],
     variants={
         "sct": [],
         "raw_tangent": ["--objective.tangent_normalize", "false"],

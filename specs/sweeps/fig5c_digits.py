@@ -9,6 +9,8 @@ and Adam betas). `just sweep specs/sweeps/fig5c_digits.py`; results: docs/paper_
 
 from scm_graph.sweep import Sweep
 
+PAPER = ["--objective.P_std", "1.4", "--objective.adaptive_weighting", "true"]  # the paper's settings (digits_sct's own differ)
+
 SWEEP = Sweep(
     base="specs/digits_sct.py",
     images=64_000,
@@ -16,8 +18,8 @@ SWEEP = Sweep(
     args=["--train.compile", "false", "--train.eval_every_images", "16000", "--train.sample_every_images", "64000",
           "--train.ckpt_every_images", "64000", "--train.progress", "lines"],
     variants={
-        "sct": [],
+        "sct": PAPER,
         "ict": ["specs/digits_ict.py"],
-        **{f"discrete_N{n}": ["--objective.kind", "discrete", "--objective.N", str(n)] for n in (10, 40, 160, 640, 1280)},
+        **{f"discrete_N{n}": ["--objective.kind", "discrete", "--objective.N", str(n), *PAPER] for n in (10, 40, 160, 640, 1280)},
     },
 )

@@ -8,12 +8,14 @@ implementations use). digits_sct at 64k images, eager, the same settings as spec
 
 from scm_graph.sweep import Sweep
 
+PAPER = ["--objective.P_std", "1.4", "--objective.adaptive_weighting", "true"]  # the paper's settings (digits_sct's own differ)
+
 SWEEP = Sweep(
     base="specs/digits_sct.py",
     images=64_000,
     seeds=(0,),
     args=["--train.compile", "false", "--train.eval_every_images", "16000", "--train.sample_every_images", "64000",
-          "--train.ckpt_every_images", "64000", "--train.progress", "lines"],
+          "--train.ckpt_every_images", "64000", "--train.progress", "lines", *PAPER],
     variants={
         "s100": ["--net.time_scale", "100"],
         "s1000": ["--net.time_scale", "1000"],
