@@ -4,9 +4,10 @@ The batch stream is infinite and a pure function of (seed, rank): per rank, the 
 into segments of `spec.segment_images` samples; segment s is a webdataset pipeline (resampled shards ->
 tar samples -> shuffle buffer) seeded from (seed, rank, s). Resuming at image k rebuilds segment
 k // segment_images and drops the first k % segment_images raw samples before any decoding. With
-`spec.workers > 0` every worker runs the same raw pipeline and decodes only the samples j with
-j % workers == worker_id; the DataLoader's in-order round robin restores the exact order, so the
-stream does not depend on the worker count either.
+`spec.workers > 0` every worker runs the same raw pipeline (cheap: the shards' indexes are cached,
+`scm_graph.data.tarindex`) and decodes only the chunks c of CHUNK samples with c % workers == worker_id,
+handing each over whole; the DataLoader's in-order round robin restores the exact order, so the stream does
+not depend on the worker count either.
 
 Pixel sets ("png") give uint8 images. Latent sets ("npy", SD-VAE posteriors in raw units) give float32
 latents: with `latent.stored` "mean_std" and `spec.posterior`, each is a draw z = mean + std * eps
@@ -22,7 +23,6 @@ import hashlib
 import io
 import random
 import re
-import tarfile
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -33,8 +33,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
-from webdataset.tariterators import group_by_keys
 
+from scm_graph.data import tarindex
 from scm_graph.data.manifest import CHECKSUM, Manifest, sample_digest, shard_hint
 from scm_graph.data.normalize import normalize
 from scm_graph.errors import UserError
@@ -139,32 +139,15 @@ def _plain(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def _tar_members(f: io.BufferedReader, url: str) -> Iterator[dict]:
-    """{"fname", "data", "__url__"} of each file in the tar stream f; a bad header is an error, not an early end."""
-    try:
-        tf = tarfile.open(fileobj=f, mode="r|")
-    except tarfile.ReadError as e:
-        raise ValueError(f"bad tar header at byte 0 ({e})") from None
-    for info in tf:
-        if info.isreg():
-            yield {"fname": info.name, "data": tf.extractfile(info).read(), "__url__": url}
-        tf.members = []  # stream mode: keep no index
-    # tarfile stops quietly at a header it cannot read; a whole archive stops at a zero block
-    f.seek(tf.offset)
-    block = f.read(512)
-    if len(block) < 512 or block.strip(b"\0"):
-        raise ValueError(f"bad tar header at byte {tf.offset}")
-
-
 def _read_shards(srcs: Iterable[dict], expected: dict[str, int]) -> Iterator[dict]:
-    """Raw samples (dicts of bytes) of each shard; corrupt or truncated shards -> UserError."""
+    """Raw samples (dicts of bytes) of each shard, through its index (`scm_graph.data.tarindex`); corrupt or
+    truncated shards -> UserError."""
     for src in srcs:
         url, n = src["url"], 0
         try:
-            with open(url, "rb") as f:
-                for sample in group_by_keys(_tar_members(f, url)):
-                    n += 1
-                    yield sample
+            for sample in tarindex.read(url):
+                n += 1
+                yield sample
         except Exception as e:  # any tarfile/wds failure means a bad shard; keep one line
             raise UserError(f"shard file {url} is truncated or corrupt ({_plain(e)})") from None
         if url in expected and n != expected[url]:
@@ -177,15 +160,37 @@ def _take(src: Iterable[Any], start: int, stop: int) -> Iterator[Any]:
     return islice(src, start, stop)
 
 
-def _worker_split(src: Iterable[Any]) -> Iterator[Any]:
-    """Keep the samples j with j % num_workers == worker id (everything outside a DataLoader)."""
+CHUNK = 64
+"""Samples a worker decodes in a row and hands over at once (one pickle and one queue trip per chunk, not per image)."""
+
+
+def _worker_chunks(src: Iterable[Any]) -> Iterator[list[Any]]:
+    """Cut the raw stream into chunks of CHUNK samples and keep chunk c when c % num_workers == worker id
+    (every chunk outside a DataLoader). The DataLoader's in-order round robin over the workers then hands the
+    chunks back in stream order."""
     info = get_worker_info()
-    if info is None:
-        yield from src
-        return
+    workers, me = (1, 0) if info is None else (info.num_workers, info.id)
+    chunk: list[Any] = []
     for j, sample in enumerate(src):
-        if j % info.num_workers == info.id:
-            yield sample
+        if (j // CHUNK) % workers == me:
+            chunk.append(sample)
+            if len(chunk) == CHUNK:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+def _decode_chunk(chunk: list[dict], m: Manifest) -> list[tuple[bytes, int]]:
+    return [_decode(sample, m) for sample in chunk]
+
+
+def _catch_user_errors(src: Iterable[Any]) -> Iterator[Any]:
+    """Turn a UserError into a message item, so it crosses DataLoader workers as one line."""
+    try:
+        yield from src
+    except UserError as e:
+        yield str(e)
 
 
 def _where(sample: dict) -> str:
@@ -283,14 +288,6 @@ def _decode(sample: dict, m: Manifest) -> tuple[bytes, int]:
     return np.ascontiguousarray(arr.reshape(h, w, c).transpose(2, 0, 1)).tobytes(), label
 
 
-def _catch_user_errors(src: Iterable[Any]) -> Iterator[Any]:
-    """Turn a UserError into a message item, so it crosses DataLoader workers as one line."""
-    try:
-        yield from src
-    except UserError as e:
-        yield str(e)
-
-
 def _segment_pipeline(spec: DataSpec, m: Manifest, seed: int, rank: int, segment: int, skip: int) -> wds.DataPipeline:
     """Segment `segment` of rank `rank`'s stream, without its first `skip` samples."""
     folder = Path(spec.root) / spec.name
@@ -304,8 +301,8 @@ def _segment_pipeline(spec: DataSpec, m: Manifest, seed: int, rank: int, segment
         functools.partial(_read_shards, expected=expected),
         wds.shuffle(buf, initial=buf, seed=_derive_seed(*base, "shuffle")) if buf > 1 else None,
         functools.partial(_take, start=skip, stop=spec.segment_images),
-        _worker_split,
-        wds.map(functools.partial(_decode, m=m)),
+        _worker_chunks,
+        wds.map(functools.partial(_decode_chunk, m=m)),
         _catch_user_errors,
     )
 
@@ -316,10 +313,14 @@ def _run_segment(pipeline: wds.DataPipeline, workers: int, n: int) -> Iterator[t
         source: Iterable[Any] = DataLoader(pipeline, batch_size=None, num_workers=workers)
     else:
         source = pipeline
-    for item in islice(iter(source), n):
-        if isinstance(item, str):
-            raise UserError(item)
-        yield item[0], int(item[1])
+    for chunk in source:
+        if isinstance(chunk, str):
+            raise UserError(chunk)
+        for x, label in chunk[:n]:
+            yield x, int(label)
+        n -= len(chunk)
+        if n <= 0:
+            return
 
 
 def _sample_stream(spec: DataSpec, m: Manifest, seed: int, rank: int, start: int) -> Iterator[tuple[bytes, int]]:
