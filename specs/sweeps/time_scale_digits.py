@@ -17,6 +17,7 @@ SWEEP = Sweep(
     args=["--train.compile", "false", "--train.eval_every_images", "16000", "--train.sample_every_images", "64000",
           "--train.ckpt_every_images", "64000", "--train.progress", "lines", *PAPER],
     variants={
+        "s10": ["--net.time_scale", "10"],
         "s100": ["--net.time_scale", "100"],
         "s1000": ["--net.time_scale", "1000"],
     },
