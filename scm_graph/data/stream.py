@@ -7,7 +7,8 @@ k // segment_images and drops the first k % segment_images raw samples before an
 `spec.workers > 0` every worker runs the same raw pipeline (cheap: the shards' indexes are cached,
 `scm_graph.data.tarindex`) and decodes only the chunks c of CHUNK samples with c % workers == worker_id,
 handing each over whole; the DataLoader's in-order round robin restores the exact order, so the stream does
-not depend on the worker count either.
+not depend on the worker count either. A corrupt shard or sample is reported when its shard is indexed or its
+chunk decoded, so the good samples just before it may not come out first.
 
 Pixel sets ("png") give uint8 images. Latent sets ("npy", SD-VAE posteriors in raw units) give float32
 latents: with `latent.stored` "mean_std" and `spec.posterior`, each is a draw z = mean + std * eps
@@ -139,6 +140,19 @@ def _plain(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+def _corrupt(url: str, e: BaseException) -> UserError:
+    return UserError(f"shard file {url} is truncated or corrupt ({_plain(e)})")
+
+
+def _index_shards(urls: list[str]) -> None:
+    """Index the shards in this process now (DataLoader workers forked later inherit the indexes)."""
+    for url in urls:
+        try:
+            tarindex.warm([url])
+        except Exception as e:  # as in _read_shards
+            raise _corrupt(url, e) from None
+
+
 def _read_shards(srcs: Iterable[dict], expected: dict[str, int]) -> Iterator[dict]:
     """Raw samples (dicts of bytes) of each shard, through its index (`scm_graph.data.tarindex`); corrupt or
     truncated shards -> UserError."""
@@ -149,7 +163,7 @@ def _read_shards(srcs: Iterable[dict], expected: dict[str, int]) -> Iterator[dic
                 n += 1
                 yield sample
         except Exception as e:  # any tarfile/wds failure means a bad shard; keep one line
-            raise UserError(f"shard file {url} is truncated or corrupt ({_plain(e)})") from None
+            raise _corrupt(url, e) from None
         if url in expected and n != expected[url]:
             got = f"{n} sample{'s' if n != 1 else ''}"
             raise UserError(f"shard file {url} is truncated or corrupt ({got}, manifest says {expected[url]})")
@@ -325,6 +339,8 @@ def _run_segment(pipeline: wds.DataPipeline, workers: int, n: int) -> Iterator[t
 
 def _sample_stream(spec: DataSpec, m: Manifest, seed: int, rank: int, start: int) -> Iterator[tuple[bytes, int]]:
     """Infinite decoded sample stream of one rank from sample `start` on."""
+    if spec.workers > 0 and m.count <= tarindex.CACHE_SAMPLES:  # workers fork from this process: index here, once
+        _index_shards([str(Path(spec.root) / spec.name / s) for s in m.shards])
     segment, skip = divmod(start, spec.segment_images)
     while True:
         pipeline = _segment_pipeline(spec, m, seed, rank, segment, skip)

@@ -1,10 +1,11 @@
 """Where each sample's files lie in a tar shard: read the headers once per process, then every later pass over
-the shard slices a memory map instead of parsing the archive again.
+the shard reads the spans directly instead of parsing the archive again.
 
 A pass over a shard used to parse every tar header (tarfile) and group the files into samples (webdataset's
 `group_by_keys`); for small images that cost twice the decoding. The first pass still does exactly that,
 checking the archive as before, but keeps only the byte spans; later passes make the same samples (dicts of
-`__key__`, `__url__` and one bytes value per file suffix) from the spans. The index is kept per process for
+`__key__`, `__url__` and one bytes value per file suffix) from the spans, one positioned read each (a file cut
+short under an open stream is an error, not a crash as a memory map would give). The index is kept per process for
 shards of up to `CACHE_SAMPLES` samples in all (the least recently used go first) and rebuilt when a shard's
 file, size or modification times change (the shard writer replaces whole folders, so a rewritten shard is a new
 file).
@@ -13,7 +14,6 @@ file).
 from __future__ import annotations
 
 import io
-import mmap
 import os
 import tarfile
 from collections import OrderedDict
@@ -24,7 +24,7 @@ import numpy as np
 from webdataset.tariterators import group_by_keys
 
 CACHE_SAMPLES = 250_000
-"""Samples whose spans one process keeps (about 60 bytes each, plus the key): CIFAR-10 fits, ImageNet does not."""
+"""Samples whose spans one process keeps (about 180 bytes each with the key, measured): CIFAR-10 fits, ImageNet does not."""
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,6 @@ class ShardIndex:
     """The samples of one tar shard, in archive order: sample i has files `fields[i]` at byte spans
     `spans[first[i]:first[i + 1]]` ([start, end) each)."""
 
-    url: str
     keys: list[str]
     fields: list[tuple[str, ...]]
     spans: np.ndarray
@@ -43,13 +42,16 @@ class ShardIndex:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def samples(self, data: mmap.mmap | bytes) -> Iterator[dict]:
-        """The samples as webdataset makes them, their bytes sliced from `data` (the shard's contents)."""
+    def samples(self, fd: int, url: str) -> Iterator[dict]:
+        """The samples as webdataset makes them, their bytes read from the open shard `fd`."""
         spans, first = self.spans.tolist(), self.first.tolist()
         for i, (key, names) in enumerate(zip(self.keys, self.fields)):
-            sample = {"__key__": key, "__url__": self.url}
+            sample = {"__key__": key, "__url__": url}
             for name, (a, b) in zip(names, spans[first[i]:first[i + 1]]):
-                sample[name] = data[a:b]
+                data = os.pread(fd, b - a, a)
+                if len(data) != b - a:
+                    raise ValueError(f"unexpected end of data in {key}.{name}")
+                sample[name] = data
             yield sample
 
 
@@ -73,42 +75,45 @@ def _members(f: io.BufferedReader, url: str, size: int) -> Iterator[dict]:
         raise ValueError(f"bad tar header at byte {tf.offset}")
 
 
-def build(url: str) -> ShardIndex:
-    """Parse the shard's headers and group its files into samples (webdataset's grouping: key and suffix)."""
-    size = os.stat(url).st_size
+def build(f: io.BufferedReader, url: str) -> ShardIndex:
+    """Parse the headers of the open shard `f` and group its files into samples (webdataset's grouping: key and
+    suffix)."""
+    size = os.fstat(f.fileno()).st_size
     keys: list[str] = []
     fields: list[tuple[str, ...]] = []
     spans: list[tuple[int, int]] = []
     first = [0]
     interned: dict[tuple[str, ...], tuple[str, ...]] = {}
-    with open(url, "rb") as f:
-        for sample in group_by_keys(_members(f, url, size)):
-            names = tuple(k for k in sample if not k.startswith("__"))
-            keys.append(sample["__key__"])
-            fields.append(interned.setdefault(names, names))
-            spans.extend(sample[k] for k in names)
-            first.append(len(spans))
-    return ShardIndex(url, keys, fields, np.asarray(spans, dtype=np.int64).reshape(-1, 2), np.asarray(first, dtype=np.int64))
+    f.seek(0)
+    for sample in group_by_keys(_members(f, url, size)):
+        names = tuple(k for k in sample if not k.startswith("__"))
+        keys.append(sample["__key__"])
+        fields.append(interned.setdefault(names, names))
+        spans.extend(sample[k] for k in names)
+        first.append(len(spans))
+    return ShardIndex(keys, fields, np.asarray(spans, dtype=np.int64).reshape(-1, 2), np.asarray(first, dtype=np.int64))
 
 
-_cache: OrderedDict[tuple[str, int, int, int, int, int], ShardIndex] = OrderedDict()
+_Key = tuple[str, int, int, int, int, int]
+_cache: OrderedDict[_Key, ShardIndex] = OrderedDict()
 
 
-def index(url: str) -> ShardIndex:
-    """The shard's index, from this process's cache when its size and modification time are unchanged."""
-    st = os.stat(url)
+def index(f: io.BufferedReader, url: str) -> ShardIndex:
+    """The index of the open shard `f`, from this process's cache when the same file (device, inode, size and
+    modification times, as `f` has them) was indexed before."""
+    st = os.fstat(f.fileno())
     key = (os.path.abspath(url), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key in _cache:
         _cache.move_to_end(key)
         return _cache[key]
     for old in [k for k in _cache if k[0] == key[0]]:  # the shard was rewritten
         del _cache[old]
-    found = build(url)
+    found = build(f, url)
+    if len(found) > CACHE_SAMPLES:  # read, not kept: keeping it would push out every other shard
+        return found
     _cache[key] = found
-    while sum(len(v) for v in _cache.values()) > CACHE_SAMPLES and len(_cache) > 1:
+    while sum(len(v) for v in _cache.values()) > CACHE_SAMPLES:
         _cache.popitem(last=False)
-    if len(found) > CACHE_SAMPLES:
-        del _cache[key]
     return found
 
 
@@ -117,10 +122,14 @@ def forget() -> None:
     _cache.clear()
 
 
+def warm(urls: list[str]) -> None:
+    """Index these shards now (so that DataLoader workers forked later inherit the indexes)."""
+    for url in urls:
+        with open(url, "rb") as f:
+            index(f, url)
+
+
 def read(url: str) -> Iterator[dict]:
     """The raw samples of one shard (dicts of bytes), in archive order."""
-    idx = index(url)
-    if not len(idx):
-        return
-    with open(url, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        yield from idx.samples(data)
+    with open(url, "rb") as f:
+        yield from index(f, url).samples(f.fileno(), url)

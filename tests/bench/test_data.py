@@ -117,7 +117,7 @@ def test_the_probe(tmp_path: Path, torch_defaults, monkeypatch):
     need = ImagenetNeed(batch=64, gpus=8, step_s=1.0)
     seen = []
     real_index = tarindex.index
-    monkeypatch.setattr(tarindex, "index", lambda url: seen.append(tarindex.CACHE_SAMPLES) or real_index(url))
+    monkeypatch.setattr(tarindex, "index", lambda f, url: seen.append(tarindex.CACHE_SAMPLES) or real_index(f, url))
     probe = bench_imagenet_probe(24, need, [0], n_batches=1, rounds=1)
     assert seen and set(seen) == {0}  # ImageNet does not fit the shard index cache: the probe reads without it
     assert probe.costs.first_raw_ips is None

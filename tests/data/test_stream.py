@@ -16,6 +16,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from scm_graph.data import tarindex
 from scm_graph.data.digits import digits_source, load_digits_uint8
 from scm_graph.data.manifest import Manifest, resolve_spec
 from scm_graph.data.normalize import denormalize
@@ -177,6 +178,35 @@ def test_shard_with_fewer_samples_than_listed(tmp_path: Path):
     (tmp_path / "digits" / "manifest.json").write_text(json.dumps(d))
     with pytest.raises(UserError, match=re.escape(str(shard)) + ".*250 samples, manifest says 1000"):
         take(dspec(tmp_path, shuffle_buffer=10), 200, batch=64)
+
+
+@pytest.mark.parametrize("workers,cache", [(0, True), (2, True), (2, False)])
+def test_bad_header_mid_shard_is_one_line_with_workers(tmp_path: Path, workers: int, cache: bool, monkeypatch):
+    """A bad header found by the main process (indexing before the workers fork) or, with the index cache off,
+    inside a DataLoader worker: one line naming the shard either way, never a worker's traceback."""
+    if not cache:
+        monkeypatch.setattr(tarindex, "CACHE_SAMPLES", 0)
+    write_set(digits_source(), tmp_path, shard_size=700, progress=False)
+    folder = tmp_path / "digits"
+    shard = folder / "shard-000001.tar"  # samples 700..1399
+    with tarfile.open(shard) as tf:
+        at = next(m.offset for m in tf if m.name.startswith("00001200."))
+    data = bytearray(shard.read_bytes())
+    data[at:at + 100] = b"\xff" * 100  # a header no tar reader accepts; the size stays the same
+    shard.write_bytes(bytes(data))
+    _forget_sizes(folder, checksum=False)
+    with pytest.raises(UserError) as e:
+        take(dspec(tmp_path, shuffle_buffer=50, workers=workers, segment_images=700), 300, batch=32)
+    assert str(e.value).startswith(f"shard file {shard} is truncated or corrupt (bad tar header at byte {at}")
+    assert "\n" not in str(e.value)
+
+
+def test_workers_fork_from_indexed_shards(root: Path, monkeypatch):
+    """With workers, the main process indexes every shard first (the workers inherit the indexes)."""
+    monkeypatch.setattr(tarindex, "_cache", type(tarindex._cache)())
+    m = Manifest.load(root / "digits")
+    take(dspec(root, workers=2, segment_images=150), 1, batch=32)
+    assert len(tarindex._cache) == len(m.shards) > 1
 
 
 def test_unparseable_shard_names_the_file(tmp_path: Path):
