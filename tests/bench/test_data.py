@@ -9,19 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scm_graph.bench import data as bench_data
+from scm_graph.bench import data_needs
 from scm_graph.bench.cli import main as bench_main
-from scm_graph.bench.data import (
-    ImagenetNeed,
-    ReadCosts,
-    StreamTiming,
-    bench_imagenet_probe,
-    bench_stream,
-    read_costs,
-    resolved,
-    stream_conclusions,
-    write_probe,
-)
+from scm_graph.bench.data import bench_imagenet_probe, bench_stream, read_costs, resolved, write_probe
+from scm_graph.bench.data_needs import ImagenetNeed, ReadCosts, StreamTiming
+from scm_graph.bench.data_report import stream_conclusions
 from scm_graph.data import tarindex
 from scm_graph.data.source import array_source
 from scm_graph.data.writer import write_set
@@ -96,9 +88,9 @@ def test_imagenet_arithmetic():
     assert two_nodes.per_process_ips == 256 and two_nodes.per_node_ips == 8 * 256
     # the default: EDM2-S, 102 GFLOP per forward, an sCT step of 3 x 1.59 forwards, 35% of 989 TFLOP/s
     per_gpu = 989e12 * 0.35 / (102e9 * 3 * 1.59)
-    assert bench_data.ASSUMED_GPU_IPS == pytest.approx(per_gpu) and 711 < per_gpu < 712
-    assert bench_data.DEFAULT_IMAGENET_STEP_S == 0.36  # 2048 / (8 x 711.5) = 0.3598 s
-    assert ImagenetNeed(2048, 8, bench_data.DEFAULT_IMAGENET_STEP_S).per_process_ips == pytest.approx(2048 / 0.36 / 8)
+    assert data_needs.ASSUMED_GPU_IPS == pytest.approx(per_gpu) and 711 < per_gpu < 712
+    assert data_needs.DEFAULT_IMAGENET_STEP_S == 0.36  # 2048 / (8 x 711.5) = 0.3598 s
+    assert ImagenetNeed(2048, 8, data_needs.DEFAULT_IMAGENET_STEP_S).per_process_ips == pytest.approx(2048 / 0.36 / 8)
 
 
 def test_workers_model():
@@ -146,7 +138,7 @@ def test_cli_appends_a_report(digits_root: Path, tmp_path: Path, capsys, torch_d
     assert text.count("In one process, reading the raw samples") == 3  # the digits set twice, the probe once
     assert text.count("## ImageNet-64 sCT at the paper's batch: 64 images per step on 8 GPUs") == 2
     # the default step time for batch 64 on 8 GPUs at the assumed per-GPU rate, and its need per process
-    step = bench_data.assumed_step_s(64, 8)
+    step = data_needs.assumed_step_s(64, 8)
     assert f"{step:g} s per step (--imagenet-step-s; the default assumes EDM2-S" in text
     assert f"{64 / step / 8:.0f} per process**" in text
 
