@@ -144,8 +144,9 @@ def probe_spec(root: Path) -> Spec:
 
 
 def read_costs(spec: Spec) -> ReadCosts:
-    """Read the set's shards once (raw samples), then decode every sample, in this process (what a stream does
-    per sample, without the shuffle, the batching and the normalisation)."""
+    """Read the set's shards twice (raw samples: a first pass that parses the tar headers with the shard index
+    cache emptied, then a pass as a stream's later ones make), then decode every sample, in this process (what a
+    stream does per sample, without the shuffle, the batching and the normalisation)."""
     m = open_shards(spec.data)
     folder = Path(spec.data.root) / spec.data.name
     srcs = [{"url": str(folder / s)} for s in m.shards]

@@ -4,8 +4,8 @@ The batch stream is infinite and a pure function of (seed, rank): per rank, the 
 into segments of `spec.segment_images` samples; segment s is a webdataset pipeline (resampled shards ->
 tar samples -> shuffle buffer) seeded from (seed, rank, s). Resuming at image k rebuilds segment
 k // segment_images and drops the first k % segment_images raw samples before any decoding. With
-`spec.workers > 0` every worker runs the same raw pipeline (cheap: the shards' indexes are cached,
-`scm_graph.data.tarindex`) and decodes only the chunks c of CHUNK samples with c % workers == worker_id,
+`spec.workers > 0` every worker runs the same raw pipeline (cheap when the shards' indexes are cached,
+`scm_graph.data.tarindex`: sets up to its CACHE_SAMPLES) and decodes only the chunks c of CHUNK samples with c % workers == worker_id,
 handing each over whole; the DataLoader's in-order round robin restores the exact order, so the stream does
 not depend on the worker count either. A corrupt shard or sample is reported when its shard is indexed or its
 chunk decoded, so the good samples just before it may not come out first.

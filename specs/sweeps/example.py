@@ -1,5 +1,5 @@
 """Example sweep: the time proposal's P_mean (sCM Sec. 4.2) for the digits sCT model, seeds 0 and 1, at half the
-default run's budget (six runs of 128k images; the default 256k-image run takes about 14 minutes on 2 CPU cores).
+default run's budget (six runs of 128k images; the default 256k-image run trains in about 10 minutes on 2 CPU cores).
 `just sweep specs/sweeps/example.py` writes runs/sweeps/example/sweep.md and its plots; the format: docs/sweep.md."""
 
 from scm_graph.sweep import Sweep

@@ -1,6 +1,6 @@
 """sCM Fig. 5a, b at digits scale: each technique the paper credits, switched off one at a time against sCT.
 
-digits_sct at 64k images, eager, seeds 0 and 1, the digits FD every 16k images. Variants: tangent
+digits_sct with the paper's settings (P_std 1.4, adaptive weighting on, pinned below) at 64k images, eager, seeds 0 and 1, the digits FD every 16k images. Variants: tangent
 normalisation off (raw tangent) and clipped to [-1, 1] (Fig. 5a), adaptive weighting off (Fig. 5b), tangent
 warmup off, and the time proposal moved (P_mean -0.4 / P_std 1.0). Stability: loss and grad-norm spikes,
 non-finite samples and skipped steps in sweep.md. `just sweep specs/sweeps/fig5ab_digits.py`.
