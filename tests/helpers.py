@@ -3,18 +3,15 @@ and the network checks (finite-difference and compiled-vs-eager JVPs) used by th
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.func import functional_call
 
 from scm_graph import ops
@@ -117,6 +114,10 @@ class TorchDefaults:
     def __exit__(self, *exc):
         torch.set_num_threads(self.threads)
         torch.set_default_dtype(self.dtype)
+
+
+PAPER_SCT = ("--objective.P_std", "1.4", "--objective.adaptive_weighting", "true")
+"""The paper's settings, which digits_sct's own default (P_std 1.0, adaptive weighting off) leaves."""
 
 
 def train_tiny(spec_file: str, root: Path, out: Path, total_images: int = 64, *extra: str) -> Path:

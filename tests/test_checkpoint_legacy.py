@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from scm_graph.checkpoint import FORMAT, load_checkpoint, read_metadata
 from scm_graph.sample.generate import generate, load_generator
 from scm_graph.spec import spec_from_json
-from tests.helpers import REPO, TorchDefaults, step_records, train_main
+from tests.helpers import PAPER_SCT, REPO, TorchDefaults, step_records, train_main
 
 FIXTURES = REPO / "tests" / "fixtures" / "legacy_v1"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
@@ -29,7 +29,7 @@ EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
 ARGS = {
     "unet_sct": ["digits_sct.py", "--net.unet.channels", "4", "--net.unet.emb_mult", "2", "--net.unet.channel_mult", "1", "2",
                  "--net.unet.num_blocks", "1", "--net.unet.norm_groups", "4", "--net.unet.attn_resolutions", "4",
-                 "--net.unet.head_dim", "4"],
+                 "--net.unet.head_dim", "4", *PAPER_SCT],  # digits_sct's settings when the fixture was written
     # label dropout (classifier-free guidance) came later: the old run had none, and --resume insists on the same value
     "dit_diffusion": ["digits_diffusion.py", "--net.arch", "dit", "--net.dit.width", "16", "--net.dit.depth", "1",
                       "--net.dit.head_dim", "8", "--net.dit.patch_size", "2", "--net.dit.emb_mult", "1",

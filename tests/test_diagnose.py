@@ -21,7 +21,7 @@ from scm_graph.objectives.sct import (
     tangent,
 )
 from scm_graph.spec import ObjectiveSpec
-from tests.helpers import assert_user_error, run_cli
+from tests.helpers import PAPER_SCT, assert_user_error, run_cli, train_tiny
 from tests.objectives.shared import SD, _inputs
 
 
@@ -101,7 +101,14 @@ def test_proposal_grid_is_the_proposals_quantiles():
     torch.testing.assert_close(cdf, torch.tensor([0.125, 0.375, 0.625, 0.875], dtype=torch.float64))
 
 
-def test_cli_writes_json_and_png_of_the_same_numbers(sct_ckpt: Path, shard_root: Path, tmp_path: Path, torch_defaults, capsys):
+@pytest.fixture(scope="module")
+def aw_ckpt(tmp_path_factory, shard_root, scm_cache) -> Path:
+    """A tiny digits sCT run with adaptive weighting on (the paper's settings), so w_phi(t) is reported."""
+    return train_tiny("digits_sct.py", shard_root, tmp_path_factory.mktemp("run") / "sct_aw", 64, *PAPER_SCT)
+
+
+def test_cli_writes_json_and_png_of_the_same_numbers(aw_ckpt: Path, shard_root: Path, tmp_path: Path, torch_defaults, capsys):
+    sct_ckpt = aw_ckpt
     out, js = tmp_path / "d" / "diag.png", tmp_path / "d" / "diag.json"
     dg.main(["--ckpt", str(sct_ckpt), "--times", "3", "--n", "12", "--batch", "5", "--r", "1", "--data-root", str(shard_root),
              "--out", str(out), "--out-json", str(js), "--progress", "off", "--device", "cpu"])

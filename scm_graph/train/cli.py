@@ -77,8 +77,10 @@ def main(argv: list[str] | None = None) -> None:
     # torchrun: one line per process, naming the rank; torchrun's own report of the failed process follows
     rank = int(os.environ["RANK"])
     signal.signal(signal.SIGTERM, _stop)
+    finished = False
     try:
         run(sys.argv[1:] if argv is None else argv, main=rank == 0)
+        finished = True
     except UserError as e:
         raise UserError(f"rank {rank}: {e}") from None
     except Stopped:
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"rank {rank}: lost the other processes of the job ({first_line(e)[:200]}); "
                         "the last checkpoint on disk is kept") from None
     finally:
-        parallel.leave()
+        parallel.leave(collect=finished)
 
 
 def run(argv: list[str], main: bool = True) -> None:

@@ -66,12 +66,14 @@ def join(device_name: str, timeout_s: float) -> tuple[World, torch.device]:
     return World(rank, size, local, True), device
 
 
-def leave() -> None:
+def leave(collect: bool = True) -> None:
     """Destroy the process group while the interpreter is whole. DDP and FSDP2 wrappers sit in reference cycles
     that hold the group; left to the interpreter's exit, gloo's threads can abort the process (SIGABRT,
-    "terminate called without an active exception"), so collect them first."""
+    "terminate called without an active exception"), so collect them first after a clean finish. Not after a
+    failed collective (`collect=False`): a wrapper with work pending on a dead peer would wait for it."""
     if dist.is_initialized():
-        gc.collect()
+        if collect:
+            gc.collect()
         dist.destroy_process_group()
 
 
@@ -225,7 +227,9 @@ def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, sd
     names = [k for k, _ in module.named_parameters()]
     osd = {"state": {names[int(i)]: s for i, s in sd["state"].items()},
            "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in sd["param_groups"]]}
-    set_optimizer_state_dict(module, optimizer, osd, options=StateDictOptions(full_state_dict=True))
+    # not strict: a weight that never had a gradient (w_phi with adaptive weighting off) has no saved state, and
+    # starts without one, as in one process
+    set_optimizer_state_dict(module, optimizer, osd, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from scm_graph.errors import UserError
 from scm_graph.spec import spec_from_json, spec_to_json
 from scm_graph.train.step import StepOut
 from tests.helpers import (
+    PAPER_SCT,
     PROGRESS_LINE,
     SPECS,
     STEP_KEYS,
@@ -178,7 +179,7 @@ def test_cli_diverging_run_stops_with_one_line(tmp_path: Path, shard_root: Path)
     finite from then on; stop after NONFINITE_PATIENCE steps with one line, no checkpoint."""
     run = tmp_path / "run"
     res = run_cli("scm_graph.train", SPECS / "digits_sct.py", *tiny_args(shard_root, run, 320), "--optim.lr", "1e38",
-                  "--train.progress", "off", cwd=tmp_path)
+                  "--train.progress", "off", *PAPER_SCT, cwd=tmp_path)  # w_phi's exp(w) overflows; GroupNorm alone keeps F finite
     assert assert_user_error(res) == ("error: the loss or gradient norm was not finite for 10 consecutive steps (up to step 11); "
                                       "training stopped, no checkpoint was written")
     assert not (run / "ckpt.safetensors").exists()

@@ -12,7 +12,7 @@ import torch
 import scm_graph.train.loop as tr
 from scm_graph.checkpoint import load_checkpoint
 from scm_graph.train.step import TrainStep
-from tests.helpers import read_metrics, step_records, tiny_args, train_main
+from tests.helpers import PAPER_SCT, read_metrics, step_records, tiny_args, train_main
 
 pytestmark = pytest.mark.usefixtures("torch_defaults", "scm_cache")
 
@@ -62,7 +62,7 @@ def test_ema_in_checkpoint_equals_recomputation(tmp_path: Path, shard_root: Path
     run = tmp_path / "run"
     # a large lr, so the raw weights move well away from the initial ones in 4 steps
     train_main("digits_sct.py", *tiny_args(shard_root, run, 64, "--train.ema_rampup", str(rampup),
-                                           "--train.ema_halflife_images", str(halflife), "--optim.lr", "0.05"))
+                                           "--train.ema_halflife_images", str(halflife), "--optim.lr", "0.05", *PAPER_SCT))
     assert len(seen) == 5  # the initial weights and 4 steps
     ema, betas = _recompute_ema(seen, rampup, halflife)
     ck = load_checkpoint(run / "ckpt.safetensors")
