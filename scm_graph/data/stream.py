@@ -148,7 +148,7 @@ def _index_shards(urls: list[str]) -> None:
     """Index the shards in this process now (DataLoader workers forked later inherit the indexes)."""
     for url in urls:
         try:
-            tarindex.warm([url])
+            tarindex.warm(url)
         except Exception as e:  # as in _read_shards
             raise _corrupt(url, e) from None
 
@@ -321,8 +321,9 @@ def _segment_pipeline(spec: DataSpec, m: Manifest, seed: int, rank: int, segment
     )
 
 
-def _run_segment(pipeline: wds.DataPipeline, workers: int, n: int) -> Iterator[tuple[bytes, int]]:
-    """The first n decoded samples of a segment, in order, in-process or through a DataLoader."""
+def _run_segment(pipeline: wds.DataPipeline, workers: int) -> Iterator[tuple[bytes, int]]:
+    """A segment's decoded samples (its pipeline stops after `segment_images`), in order, in-process or through a
+    DataLoader."""
     if workers > 0:
         source: Iterable[Any] = DataLoader(pipeline, batch_size=None, num_workers=workers)
     else:
@@ -330,11 +331,8 @@ def _run_segment(pipeline: wds.DataPipeline, workers: int, n: int) -> Iterator[t
     for chunk in source:
         if isinstance(chunk, str):
             raise UserError(chunk)
-        for x, label in chunk[:n]:
+        for x, label in chunk:
             yield x, int(label)
-        n -= len(chunk)
-        if n <= 0:
-            return
 
 
 def _sample_stream(spec: DataSpec, m: Manifest, seed: int, rank: int, start: int) -> Iterator[tuple[bytes, int]]:
@@ -344,7 +342,7 @@ def _sample_stream(spec: DataSpec, m: Manifest, seed: int, rank: int, start: int
     segment, skip = divmod(start, spec.segment_images)
     while True:
         pipeline = _segment_pipeline(spec, m, seed, rank, segment, skip)
-        yield from _run_segment(pipeline, spec.workers, spec.segment_images - skip)
+        yield from _run_segment(pipeline, spec.workers)
         segment, skip = segment + 1, 0
 
 

@@ -122,11 +122,10 @@ def forget() -> None:
     _cache.clear()
 
 
-def warm(urls: list[str]) -> None:
-    """Index these shards now (so that DataLoader workers forked later inherit the indexes)."""
-    for url in urls:
-        with open(url, "rb") as f:
-            index(f, url)
+def warm(url: str) -> None:
+    """Index the shard now (so that DataLoader workers forked later inherit its index)."""
+    with open(url, "rb") as f:
+        index(f, url)
 
 
 def read(url: str) -> Iterator[dict]:
