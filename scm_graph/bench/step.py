@@ -10,90 +10,16 @@ each step with its update decided on the host (`TrainStep.device_skip` off: one 
 
 from __future__ import annotations
 
-import dataclasses
-import time
-from dataclasses import dataclass
-
 import torch
 
-from scm_graph.bench.common import append_table, device_name, synchronize
+from scm_graph.bench.common import append_table, device_name
+from scm_graph.bench.step_timing import StepTiming, bench_spec, time_step
 from scm_graph.device import pick_device
 from scm_graph.errors import ArgumentParser, UserError, cli_main
 from scm_graph.model import build_model, num_params
-from scm_graph.objectives import StepInputs
 from scm_graph.paths import output_file
 from scm_graph.precision import AMP_DTYPES
-from scm_graph.spec import Spec, distils_guidance, validate
-from scm_graph.specfile import read_spec_file
-from scm_graph.train.step import TrainStep
-
-
-@dataclass
-class StepTiming:
-    objective: str
-    mode: str  # "eager" / "compiled"
-    precision: str  # "fp32" / "bf16" / "fp16"
-    images_per_s: float
-    ms_per_step: float
-    warmup_s: float  # first steps, including compilation
-    fused_pass: str = "auto"  # objective.fused_pass of the consistency step
-    host_read_ms: float | None = None  # ms per step with the update decided on the host (--host-read)
-
-    @property
-    def label(self) -> str:
-        return self.objective if self.fused_pass == "auto" or self.objective == "diffusion" else f"{self.objective}, fused pass {self.fused_pass}"
-
-
-def time_step(spec: Spec, kind: str, compile: bool, batch: int, steps: int, warmup: int, dev: torch.device, rounds: int = 3,
-              precision: str = "fp32", fused_pass: str = "auto", host_read: bool = False) -> StepTiming:
-    spec = dataclasses.replace(spec, objective=dataclasses.replace(spec.objective, kind=kind, fused_pass=fused_pass),
-                               train=dataclasses.replace(spec.train, precision=precision))
-    torch.manual_seed(0)
-    model = build_model(spec).to(dev).train()
-    teacher = None
-    if kind == "scd":  # a frozen teacher of the same network (its weights do not matter for the timing)
-        t_spec = dataclasses.replace(spec, objective=dataclasses.replace(spec.objective, kind="diffusion"))
-        teacher = build_model(t_spec).to(dev).eval().requires_grad_(False)
-    step = TrainStep(model, spec, compile=compile, teacher=teacher)
-    d = spec.data
-    g = torch.Generator(device=dev).manual_seed(0)
-    shape = (batch, d.channels, d.resolution, d.resolution)
-    labels = torch.arange(batch, device=dev) % d.num_classes if spec.net.class_conditional else None
-    t = torch.rand(batch, generator=g, device=dev) * 1.5 + 0.01
-    inp = StepInputs(
-        torch.randn(shape, generator=g, device=dev) * 0.5,
-        torch.randn(shape, generator=g, device=dev) * 0.5,
-        t,
-        labels,
-        torch.tensor(1, device=dev),
-        torch.tensor(0.5, device=dev),
-        1 + torch.rand(batch, generator=g, device=dev) if distils_guidance(spec) else None,  # sCD: the CFG scale s
-        t * 0.9 if kind == "ict" else None,  # iCT: the earlier level of each pair
-    )
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        step(inp)
-    synchronize(dev)
-    warm = time.perf_counter() - t0
-
-    def best() -> float:
-        dt = float("inf")
-        for _ in range(rounds):  # best of several rounds: robust to a noisy machine
-            t1 = time.perf_counter()
-            for _ in range(steps):
-                step(inp)
-            synchronize(dev)
-            dt = min(dt, (time.perf_counter() - t1) / steps)
-        return dt
-
-    dt = best()
-    read_ms = None
-    if host_read:  # the same step deciding its update on the host: it waits for the step's flags every step
-        step.update.settle()  # nothing of the device path left pending
-        step.device_skip = False
-        read_ms = best() * 1e3
-    return StepTiming(kind, "compiled" if compile else "eager", precision, batch / dt, dt * 1e3, warm, fused_pass, read_ms)
-
+from scm_graph.spec import Spec
 
 MODES = ("eager", "compiled")
 
@@ -142,10 +68,10 @@ def step_table(rows: list[StepTiming], spec_path: str, spec: Spec, batch: int, d
     lines = [
         f"## `just bench step` — {spec_path} — {device_name(dev)}, {' / '.join(precisions)}",
         "",
-        f"Device: {device_name(dev)}; precision (autocast): {', '.join(precisions)}; torch {torch.__version__}; "
-        f"batch {batch}; {spec.data.channels}x{spec.data.resolution}x{spec.data.resolution}; arch {spec.net.arch}; "
-        f"{num_params(model) / 1e6:.2f} M parameters; best of the timed rounds, after warm-up "
-        "(warm-up includes compilation, or a compile-cache hit).",
+        (f"Device: {device_name(dev)}; precision (autocast): {', '.join(precisions)}; torch {torch.__version__}; "
+         f"batch {batch}; {spec.data.channels}x{spec.data.resolution}x{spec.data.resolution}; arch {spec.net.arch}; "
+         f"{num_params(model) / 1e6:.2f} M parameters; best of the timed rounds, after warm-up "
+         "(warm-up includes compilation, or a compile-cache hit)."),
         "",
         "| objective | precision | eager img/s | compiled img/s | compiled / eager | vs fp32 (compiled, else eager) | warm-up eager / compiled (s) |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -174,25 +100,17 @@ def step_table(rows: list[StepTiming], spec_path: str, spec: Spec, batch: int, d
     return "\n".join(lines)
 
 
-def _bench_spec(path: str) -> Spec:
-    spec = read_spec_file(path)
-    d = spec.data
-    if not d.resolution or not d.channels:  # shape from the spec's data set, without needing its shards
-        shapes = {"digits": (1, 8, 10), "cifar10": (3, 32, 10), "imagenet64": (3, 64, 1000), "imagenet512-sdvae": (4, 64, 1000)}
-        if d.name not in shapes:
-            raise UserError(f"--spec {path}: set data.resolution and data.channels to benchmark without shards")
-        c, r, k = shapes[d.name]
-        d = dataclasses.replace(d, channels=c, resolution=r, num_classes=k)
-    spec = dataclasses.replace(spec, data=d)
-    validate(spec)
-    return spec
-
-
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(prog="python -m scm_graph.bench step", description="Images/s of the sCT and diffusion train steps, eager and compiled, side by side.")
-    p.add_argument("--spec", default="specs/digits_sct.py", help="spec whose network to use")
-    p.add_argument("--batch", type=int, default=0, help="batch size (default: the spec's)")
+    p.add_argument("--spec", nargs="+", default=["specs/digits_sct.py"],
+                   help="spec whose network to use; several give one table of every spec's own step (as --all)")
+    p.add_argument("--all", action="store_true", help="every spec in specs/: one table of each one's own step against "
+                   "the diffusion step of its network")
+    p.add_argument("--batch", type=int, default=0, help="batch size (default: the spec's; with --all or several specs, at most --max-batch)")
+    p.add_argument("--max-batch", type=int, default=128, help="with --all or several specs: the largest default batch")
+    p.add_argument("--max-params", type=float, default=0, help="with --all or several specs: list networks over this "
+                   "many million parameters without timing them (0: time all)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds of --steps steps; the fastest counts")
@@ -205,19 +123,38 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="append the markdown table to this file (e.g. docs/bench_step.md)")
     a = p.parse_args(argv)
-    for flag, v, least in (("--batch", a.batch, 0), ("--steps", a.steps, 1), ("--warmup", a.warmup, 0), ("--rounds", a.rounds, 1)):
+    for flag, v, least in (("--batch", a.batch, 0), ("--steps", a.steps, 1), ("--warmup", a.warmup, 0), ("--rounds", a.rounds, 1),
+                           ("--max-batch", a.max_batch, 1), ("--max-params", a.max_params, 0)):
         if v < least:
             raise UserError(f"{flag} must be at least {least}, not {v}")
     if a.out:
         output_file(a.out, (".md",), "--out")  # before the measurements
-    spec = _bench_spec(a.spec)
-    batch = a.batch or spec.train.batch
     dev = pick_device(a.device)
+    if a.all or len(a.spec) > 1:
+        from scm_graph.bench import step_specs
+
+        paths = step_specs.shipped_specs() if a.all else list(dict.fromkeys(a.spec))
+        if not paths:
+            raise UserError(f"--all: no spec files in {step_specs.SPEC_DIR}/ (run from the repository root)")
+        if not a.all:
+            for path in paths:  # a spec asked for by name must be benchmarkable: its one-line error before any timing
+                bench_spec(path)
+        precisions = tuple(dict.fromkeys(a.precision or ["fp32"]))
+        print(f"bench step: {len(paths)} specs, {device_name(dev)}, {' / '.join(precisions)}", flush=True)
+        timer = step_specs.Timer(dev, a.steps, a.warmup, a.rounds)
+        spec_rows = step_specs.bench_specs(paths, a.batch, a.max_batch, timer, precisions, tuple(a.modes), a.max_params * 1e6)
+        table = step_specs.specs_table(spec_rows, dev, a.steps, a.rounds)
+        print(table)
+        if a.out:
+            append_table(a.out, table)
+        return
+    spec = bench_spec(a.spec[0])
+    batch = a.batch or spec.train.batch
     precisions = tuple(dict.fromkeys(a.precision or [spec.train.precision]))
-    print(f"bench step: {a.spec}, batch {batch}, {device_name(dev)}, {' / '.join(precisions)}", flush=True)
+    print(f"bench step: {a.spec[0]}, batch {batch}, {device_name(dev)}, {' / '.join(precisions)}", flush=True)
     rows = bench_step(spec, batch, a.steps, a.warmup, dev, a.rounds, precisions, tuple(a.modes),
                       tuple(dict.fromkeys(a.fused_pass)), a.host_read)
-    table = step_table(rows, a.spec, spec, batch, dev)
+    table = step_table(rows, a.spec[0], spec, batch, dev)
     print(table)
     if a.out:
         append_table(a.out, table)

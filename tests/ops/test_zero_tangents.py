@@ -100,7 +100,7 @@ def test_the_compiled_sct_loss_runs_two_products_per_layer_and_matches_eager(spe
     """In the compiled sCT loss of a shipped network the pass drops products, every JVP-pass convolution / matmul
     left has a non-zero operand, and loss and gradients match the eager objective; `fused`: the accelerators' step
     (F_theta from the JVP's primal, `objective.fused_pass` 'on'), forced on the CPU."""
-    from scm_graph.bench.step import _bench_spec
+    from scm_graph.bench.step_timing import bench_spec
     from scm_graph.model import build_model
     from scm_graph.objectives import StepInputs, get_objective
 
@@ -115,7 +115,7 @@ def test_the_compiled_sct_loss_runs_two_products_per_layer_and_matches_eager(spe
         return dropped
 
     monkeypatch.setattr(zero_tangents, "drop_zero_products", counting)
-    spec = _bench_spec(spec_path)
+    spec = bench_spec(spec_path)
     spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, batch=4),
                                objective=dataclasses.replace(spec.objective, fused_pass="on" if fused else "off"))
     torch.manual_seed(0)
