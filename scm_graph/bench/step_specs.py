@@ -56,7 +56,7 @@ class SpecSteps:
     path: str
     kind: str = ""  # the spec's objective
     network: str = ""
-    precision: str = ""
+    precision: str = ""  # "fp32"; for a row not timed at any precision, all of them ("fp32, bf16")
     batch: int = 0
     step: dict[str, StepTiming] = field(default_factory=dict)  # mode -> timing
     diffusion: dict[str, StepTiming] = field(default_factory=dict)
@@ -101,12 +101,13 @@ def bench_specs(paths: list[str], batch: int, max_batch: int, timer: Timer, prec
         b = batch or min(spec.train.batch, max_batch)
         params = count_params(spec)
         kind, net = spec.objective.kind, network_name(spec, params)
+        if max_params and params > max_params:  # one row for every precision
+            skipped = f"{params / 1e6:.2f} M parameters, over --max-params {max_params / 1e6:g} M"
+            rows.append(SpecSteps(path, kind, net, ", ".join(precisions), b, skipped=skipped))
+            continue
         for precision in precisions:
             row = SpecSteps(path, kind, net, precision, b)
             rows.append(row)
-            if max_params and params > max_params:
-                row.skipped = f"{params / 1e6:.2f} M parameters, over --max-params {max_params / 1e6:g} M"
-                continue
             try:
                 for mode in modes:
                     row.step[mode] = timer.time(path, spec, kind, mode, b, precision)
@@ -129,13 +130,15 @@ def _ratio(a: StepTiming | None, b: StepTiming | None) -> str:
 
 def specs_table(rows: list[SpecSteps], dev: torch.device, steps: int, rounds: int) -> str:
     """One markdown table of every spec: images/s eager and compiled, and the step / diffusion-step time ratios."""
-    precisions = list(dict.fromkeys(r.precision for r in rows if r.precision))
+    precisions = list(dict.fromkeys(p for r in rows if r.precision for p in r.precision.split(", ")))
     lines = [
         f"## `just bench step --all` — {device_name(dev)}, {' / '.join(precisions)}",
         "",
         (f"Device: {device_name(dev)}; torch {torch.__version__}; best of {rounds} rounds of {steps} steps after warm-up "
          "(warm-up includes compilation, or a compile-cache hit); synthetic data; each spec's own step (its objective, "
-         "network, optimiser and clipping) against the diffusion step of the same network, timed in the same process."),
+         "network, optimiser and clipping) against the diffusion step of the same network, timed in the same process. "
+         "One compile cache serves the whole run, so a compiled warm-up may reuse kernels an earlier spec compiled: "
+         "it is not a cold start."),
         "",
         ("| spec | network | step | precision | batch | eager img/s | compiled img/s | step / diffusion, eager "
          "| step / diffusion, compiled | compiled warm-up (s) |"),

@@ -88,13 +88,14 @@ def test_bench_step_of_several_specs_is_one_table_sharing_the_diffusion_step(cap
 
 
 def test_bench_step_all_lists_every_shipped_spec(capsys, monkeypatch):
-    """`--all`: every spec file of specs/ (not the `_` helpers) has a row; those over --max-params are listed with the
-    reason and not timed, and one whose shape only its shards give says so in its row."""
+    """`--all`: every spec file of specs/ (not the `_` helpers) has a row; those over --max-params are listed once, with
+    the reason, and not timed, and one whose shape only its shards give says so in its row."""
     monkeypatch.chdir(SPECS.parent)
-    bench_main(["step", "--all", "--max-params", "0.001", "--modes", "eager", "--device", "cpu"])
+    bench_main(["step", "--all", "--max-params", "0.001", "--precision", "fp32", "bf16", "--modes", "eager", "--device", "cpu"])
     rows = spec_rows(capsys.readouterr().out)
     shipped = sorted(p.stem for p in SPECS.glob("*.py") if not p.name.startswith("_"))
-    assert [r[0] for r in rows] == shipped
+    assert [r[0] for r in rows] == shipped  # one row per spec: not timed at any precision
+    assert {r[3] for r in rows if r[0] != "my_images_sct"} == {"fp32, bf16"}
     by = {r[0]: r for r in rows}
     assert by["imagenet512_scd_xxl"][2] == "scd" and by["imagenet512_scd_xxl"][1].startswith("edm2 c448, 4x64x64, ")
     assert by["digits_sct"][5].startswith("not timed: 1.05 M parameters, over --max-params 0.001 M")
