@@ -6,12 +6,17 @@ network of the given spec (any arch: it is built by `build_model`). Prints a mar
 device and precisions and (with --out) appends it to a file under docs/.
 `--fused-pass on off` times the consistency step both ways (`objective.fused_pass`); `--host-read` also times
 each step with its update decided on the host (`TrainStep.device_skip` off: one host sync per step, the CPU's way).
+`--all` (or several `--spec`s) gives one table of every spec's own step against its network's diffusion step
+(`bench.step_specs`).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from scm_graph.bench import step_specs
 from scm_graph.bench.common import append_table, device_name
 from scm_graph.bench.step_timing import StepTiming, bench_spec, time_step
 from scm_graph.device import pick_device
@@ -103,8 +108,8 @@ def step_table(rows: list[StepTiming], spec_path: str, spec: Spec, batch: int, d
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(prog="python -m scm_graph.bench step", description="Images/s of the sCT and diffusion train steps, eager and compiled, side by side.")
-    p.add_argument("--spec", nargs="+", default=["specs/digits_sct.py"],
-                   help="spec whose network to use; several give one table of every spec's own step (as --all)")
+    p.add_argument("--spec", nargs="+", action="extend", default=None,
+                   help="spec whose network to use (default specs/digits_sct.py); several give one table of every spec's own step (as --all)")
     p.add_argument("--all", action="store_true", help="every spec in specs/: one table of each one's own step against "
                    "the diffusion step of its network")
     p.add_argument("--batch", type=int, default=0, help="batch size (default: the spec's; with --all or several specs, at most --max-batch)")
@@ -115,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds of --steps steps; the fastest counts")
     p.add_argument("--precision", nargs="+", choices=list(AMP_DTYPES), default=None,
-                   help="autocast precision(s) of the step, e.g. fp32 bf16 (default: the spec's train.precision)")
+                   help="autocast precision(s) of the step, e.g. fp32 bf16 (default: the spec's train.precision; with --all or several specs, fp32)")
     p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), help="eager and/or compiled")
     p.add_argument("--fused-pass", nargs="+", choices=["auto", "on", "off"], default=["auto"],
                    help="objective.fused_pass of the consistency step, one row each (e.g. on off)")
@@ -129,11 +134,17 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"{flag} must be at least {least}, not {v}")
     if a.out:
         output_file(a.out, (".md",), "--out")  # before the measurements
+    if a.all and a.spec:
+        raise UserError("--all times every spec in specs/: give it or --spec, not both")
+    given: list[str] = []
+    for x in a.spec or ["specs/digits_sct.py"]:  # each spec once, however its path is written
+        if all(Path(x).resolve() != Path(g).resolve() for g in given):
+            given.append(x)
+    if (a.all or len(given) > 1) and (a.fused_pass != ["auto"] or a.host_read):
+        raise UserError("--fused-pass and --host-read time one spec's step; with --all or several specs they do not apply")
     dev = pick_device(a.device)
-    if a.all or len(a.spec) > 1:
-        from scm_graph.bench import step_specs
-
-        paths = step_specs.shipped_specs() if a.all else list(dict.fromkeys(a.spec))
+    if a.all or len(given) > 1:
+        paths = step_specs.shipped_specs() if a.all else given
         if not paths:
             raise UserError(f"--all: no spec files in {step_specs.SPEC_DIR}/ (run from the repository root)")
         if not a.all:
@@ -148,13 +159,13 @@ def main(argv: list[str] | None = None) -> None:
         if a.out:
             append_table(a.out, table)
         return
-    spec = bench_spec(a.spec[0])
+    spec = bench_spec(given[0])
     batch = a.batch or spec.train.batch
     precisions = tuple(dict.fromkeys(a.precision or [spec.train.precision]))
-    print(f"bench step: {a.spec[0]}, batch {batch}, {device_name(dev)}, {' / '.join(precisions)}", flush=True)
+    print(f"bench step: {given[0]}, batch {batch}, {device_name(dev)}, {' / '.join(precisions)}", flush=True)
     rows = bench_step(spec, batch, a.steps, a.warmup, dev, a.rounds, precisions, tuple(a.modes),
                       tuple(dict.fromkeys(a.fused_pass)), a.host_read)
-    table = step_table(rows, a.spec[0], spec, batch, dev)
+    table = step_table(rows, given[0], spec, batch, dev)
     print(table)
     if a.out:
         append_table(a.out, table)

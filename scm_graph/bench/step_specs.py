@@ -31,9 +31,10 @@ def shipped_specs(spec_dir: Path = SPEC_DIR) -> list[str]:
 
 
 def diffusion_key(spec: Spec) -> str:
-    """What makes two specs' diffusion steps the same: the network, the data shape it is built for, and the optimiser."""
+    """What makes two specs' diffusion steps the same: the network, the data shape it is built for, the optimiser,
+    the adaptive weighting (w_phi's forward and backward) and the micro-batches."""
     d = spec.data
-    return repr((spec.net, d.channels, d.resolution, d.num_classes, spec.optim))
+    return repr((spec.net, d.channels, d.resolution, d.num_classes, spec.optim, spec.objective.adaptive_weighting, spec.train.accum))
 
 
 def count_params(spec: Spec) -> int:
@@ -61,6 +62,7 @@ class SpecSteps:
     step: dict[str, StepTiming] = field(default_factory=dict)  # mode -> timing
     diffusion: dict[str, StepTiming] = field(default_factory=dict)
     skipped: str = ""  # why nothing was timed
+    failed: str = ""  # the mode whose step failed, and why (the modes before it keep their timings)
 
 
 @dataclass
@@ -108,15 +110,21 @@ def bench_specs(paths: list[str], batch: int, max_batch: int, timer: Timer, prec
         for precision in precisions:
             row = SpecSteps(path, kind, net, precision, b)
             rows.append(row)
-            try:
-                for mode in modes:
+            for mode in modes:
+                try:
                     row.step[mode] = timer.time(path, spec, kind, mode, b, precision)
                     row.diffusion[mode] = timer.time(path, spec, "diffusion", mode, b, precision)
-            except torch.OutOfMemoryError:  # the device's memory, not the spec: say so and go on with the others
-                row.step, row.diffusion, row.skipped = {}, {}, f"out of memory at batch {b}"
-                print(f"  {path} {precision}: out of memory at batch {b}", flush=True)
-                if timer.dev.type == "cuda":
-                    torch.cuda.empty_cache()
+                except torch.OutOfMemoryError:  # the device's memory, not the spec: say so and go on with the others
+                    row.failed = f"{mode}: out of memory at batch {b}"
+                except Exception as e:  # noqa: BLE001 (a compile failure must not lose the other specs' timings)
+                    first_line = (str(e).strip().splitlines() or [""])[0]
+                    row.failed = f"{mode}: {type(e).__name__}: {first_line}"
+                if row.failed:
+                    row.step.pop(mode, None)
+                    print(f"  {path} {precision}: failed: {row.failed}", flush=True)
+                    break
+            if row.failed and timer.dev.type == "cuda":
+                torch.cuda.empty_cache()
     return rows
 
 
@@ -152,6 +160,8 @@ def specs_table(rows: list[SpecSteps], dev: torch.device, steps: int, rounds: in
             continue
         c = r.step.get("compiled")
         warm = "–" if c is None else f"{c.warmup_s:.0f}"
+        if r.failed:
+            warm += f" (failed: {r.failed.replace('|', '/')})"
         lines.append(f"| {name} | {r.network} | {r.kind} | {r.precision} | {r.batch} | {_ips(r.step.get('eager'))} | {_ips(c)} | "
                      f"{_ratio(r.step.get('eager'), r.diffusion.get('eager'))} | {_ratio(c, r.diffusion.get('compiled'))} | {warm} |")
     lines.append("")

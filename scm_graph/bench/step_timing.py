@@ -86,7 +86,6 @@ def time_step(spec: Spec, kind: str, compile: bool, batch: int, steps: int, warm
     return StepTiming(kind, "compiled" if compile else "eager", precision, batch / dt, dt * 1e3, warm, fused_pass, read_ms)
 
 
-
 def bench_spec(path: str) -> Spec:
     """The spec at `path`, its data shape filled in from its data set's name where it has no shards to read it from."""
     spec = read_spec_file(path)

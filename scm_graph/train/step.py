@@ -40,19 +40,15 @@ from scm_graph.train.parallel import World
 from scm_graph.train.update import GuardedUpdate, make_optimizer
 
 # Inductor stores a pointwise value read by several kernels only when its expression has more than this many ops
-# (its CPU default is 50); below that it inlines the expression into every reader, and the sCT step's values have
-# many (the JVP's primal and tangent, the gradient pass, the backward). At 24: digits_sct's first compiled step
-# 111 s -> 83 s on 2 cores, the diffusion step's 70 s -> 43 s, step times unchanged (docs/bench_step_cpu.md, "Cold
-# start"). In fp32 a stored value is the one the inlined expression computes; the golden-loss and compiled-vs-eager
-# tests pass unchanged.
+# (`realize_cpu_opcount_threshold`, CPU kernels only, default 50); below that it inlines the expression into every
+# reader, and the sCT step's values have many (the JVP's primal and tangent, the gradient pass, the backward). At 24:
+# digits_sct's first compiled step 111 s -> 83 s on 2 cores, the diffusion step's 70 s -> 43 s, step times unchanged
+# (docs/bench_step_cpu.md, "Cold start"). In fp32 a stored value is the one the inlined expression computes (the
+# compiled-vs-eager step tests pass unchanged); in bf16 a stored value is rounded to bf16 where an inlined one may not.
 CPU_REALIZE_OPCOUNT = 24
-
-
-def compile_options(device_type: str) -> dict:
-    """Inductor options of the train step's compiled functions: the zero-tangent pass; on the CPU, the lower threshold
-    for storing shared values (`CPU_REALIZE_OPCOUNT`). GPUs keep Inductor's default."""
-    extra = {"realize_opcount_threshold": CPU_REALIZE_OPCOUNT} if device_type == "cpu" else {}
-    return {**COMPILE_OPTIONS, **extra}
+# The options of the train step's compiled functions: the zero-tangent pass, and the threshold above (GPU kernels
+# keep Inductor's default).
+STEP_COMPILE_OPTIONS = {**COMPILE_OPTIONS, "realize_cpu_opcount_threshold": CPU_REALIZE_OPCOUNT}
 
 
 @dataclass
@@ -138,7 +134,7 @@ class TrainStep:
             with autocast(device_type, precision):  # inside the compiled function, so Dynamo traces the casts
                 return objective(model, params, StepInputs(x0, z, t, labels, dropout_key, r, guidance, t_prev), cfg).as_tuple()
 
-        options = compile_options(device_type)
+        options = STEP_COMPILE_OPTIONS
         self.loss_fn = torch.compile(loss_fn, fullgraph=True, dynamic=False, options=options) if compile else loss_fn
         if wrapped is not None:
             passes, plain = get_passes(spec.objective.kind, teacher), wrapped.plain
