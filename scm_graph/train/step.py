@@ -42,7 +42,7 @@ from scm_graph.train.update import GuardedUpdate, make_optimizer
 # Inductor stores a pointwise value read by several kernels only when its expression has more than this many ops
 # (`realize_cpu_opcount_threshold`, CPU kernels only, default 50); below that it inlines the expression into every
 # reader, and the sCT step's values have many (the JVP's primal and tangent, the gradient pass, the backward). At 24:
-# digits_sct's first compiled step 111 s -> 83 s on 2 cores, the diffusion step's 70 s -> 43 s, step times unchanged
+# digits_sct's first compiled step 111 s -> 83-87 s on 2 cores, the diffusion step's 70 s -> 43 s, step times unchanged
 # (docs/bench_step_cpu.md, "Cold start"). In fp32 a stored value is the one the inlined expression computes (the
 # compiled-vs-eager step tests pass unchanged); in bf16 a stored value is rounded to bf16 where an inlined one may not.
 CPU_REALIZE_OPCOUNT = 24
@@ -134,8 +134,7 @@ class TrainStep:
             with autocast(device_type, precision):  # inside the compiled function, so Dynamo traces the casts
                 return objective(model, params, StepInputs(x0, z, t, labels, dropout_key, r, guidance, t_prev), cfg).as_tuple()
 
-        options = STEP_COMPILE_OPTIONS
-        self.loss_fn = torch.compile(loss_fn, fullgraph=True, dynamic=False, options=options) if compile else loss_fn
+        self.loss_fn = torch.compile(loss_fn, fullgraph=True, dynamic=False, options=STEP_COMPILE_OPTIONS) if compile else loss_fn
         if wrapped is not None:
             passes, plain = get_passes(spec.objective.kind, teacher), wrapped.plain
             self.finish = passes.finish
@@ -145,7 +144,7 @@ class TrainStep:
                 with torch.no_grad(), autocast(device_type, precision):
                     return passes.prepare(plain, params, StepInputs(x0, z, t, labels, dropout_key, r, guidance, t_prev), cfg)
 
-            self.prepare_fn = torch.compile(prepare_fn, fullgraph=True, dynamic=False, options=options) if compile else prepare_fn
+            self.prepare_fn = torch.compile(prepare_fn, fullgraph=True, dynamic=False, options=STEP_COMPILE_OPTIONS) if compile else prepare_fn
             self.forward_fn = torch.compile(wrapped.module) if compile else wrapped.module
 
     def _micro(self, inp: StepInputs) -> ObjectiveOut:
