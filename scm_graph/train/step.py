@@ -25,6 +25,7 @@ report (`StepOut`) stays there too, for the loop to read every few steps.
 from __future__ import annotations
 
 import math
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
@@ -46,9 +47,42 @@ from scm_graph.train.update import GuardedUpdate, make_optimizer
 # (docs/bench_step_cpu.md, "Cold start"). In fp32 a stored value is the one the inlined expression computes (the
 # compiled-vs-eager step tests pass unchanged); in bf16 a stored value is rounded to bf16 where an inlined one may not.
 CPU_REALIZE_OPCOUNT = 24
-# The options of the train step's compiled functions: the zero-tangent pass, and the threshold above (GPU kernels
-# keep Inductor's default).
-STEP_COMPILE_OPTIONS = {**COMPILE_OPTIONS, "realize_cpu_opcount_threshold": CPU_REALIZE_OPCOUNT}
+
+
+# Triton before 3.8 fails to compile some of Inductor's 2D-tiled pointwise kernels for sm_90: the compiled DiT step's
+# time-embedding kernel (cos/sin of t x frequencies beside its tangent) stops in TritonGPURemoveLayoutConversions
+# ("operand does not dominate this use", then `PassManager::run failed` in make_ttgir). Seen on an H100 with torch 2.11 /
+# Triton 3.6; the kernel fails to lower with Triton 3.6 and 3.7.1 at every block shape and lowers with 3.8.0, and its 1D
+# form lowers with 3.6 (reproduced on the CPU by lowering the kernel's source for sm_90). With an older Triton the GPU
+# step therefore uses 1D kernels only (Inductor's `triton.max_tiles` = 1).
+TRITON_2D_TILES_FROM = (3, 8)
+
+
+def _triton_release() -> tuple[int, int] | None:
+    """(major, minor) of the installed Triton; None without one."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    m = re.match(r"(\d+)\.(\d+)", triton.__version__)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def step_compile_options(device_type: str, inductor_config: object | None = None,
+                         triton_release: tuple[int, int] | None = None) -> dict:
+    """The options of the train step's compiled functions on `device_type`: the zero-tangent pass; the CPU threshold above
+    where the installed PyTorch has it (torch.compile rejects an option its Inductor does not know, and torch 2.11 has no
+    CPU-only threshold: there the step compiles with Inductor's default); and 1D GPU kernels with a Triton before 3.8."""
+    if inductor_config is None:
+        import torch._inductor.config as inductor_config
+    options = dict(COMPILE_OPTIONS)
+    if hasattr(inductor_config, "realize_cpu_opcount_threshold"):
+        options["realize_cpu_opcount_threshold"] = CPU_REALIZE_OPCOUNT
+    if device_type == "cuda":
+        release = _triton_release() if triton_release is None else triton_release
+        if release is not None and release < TRITON_2D_TILES_FROM:
+            options["triton.max_tiles"] = 1
+    return options
 
 
 @dataclass
@@ -134,7 +168,8 @@ class TrainStep:
             with autocast(device_type, precision):  # inside the compiled function, so Dynamo traces the casts
                 return objective(model, params, StepInputs(x0, z, t, labels, dropout_key, r, guidance, t_prev), cfg).as_tuple()
 
-        self.loss_fn = torch.compile(loss_fn, fullgraph=True, dynamic=False, options=STEP_COMPILE_OPTIONS) if compile else loss_fn
+        options = step_compile_options(device_type) if compile else {}
+        self.loss_fn = torch.compile(loss_fn, fullgraph=True, dynamic=False, options=options) if compile else loss_fn
         if wrapped is not None:
             passes, plain = get_passes(spec.objective.kind, teacher), wrapped.plain
             self.finish = passes.finish
@@ -144,8 +179,8 @@ class TrainStep:
                 with torch.no_grad(), autocast(device_type, precision):
                     return passes.prepare(plain, params, StepInputs(x0, z, t, labels, dropout_key, r, guidance, t_prev), cfg)
 
-            self.prepare_fn = torch.compile(prepare_fn, fullgraph=True, dynamic=False, options=STEP_COMPILE_OPTIONS) if compile else prepare_fn
-            self.forward_fn = torch.compile(wrapped.module) if compile else wrapped.module
+            self.prepare_fn = torch.compile(prepare_fn, fullgraph=True, dynamic=False, options=options) if compile else prepare_fn
+            self.forward_fn = torch.compile(wrapped.module, options=options) if compile else wrapped.module
 
     def _micro(self, inp: StepInputs) -> ObjectiveOut:
         """The loss of one micro-batch, its gradient pass still to run backward."""

@@ -499,3 +499,32 @@ def test_compiled_scd_step_matches_eager():
     pa, pb = dict(eager_model.named_parameters()), dict(compiled_model.named_parameters())
     for k in pa:
         assert (pa[k] - pb[k]).abs().max().item() <= 1e-5, k
+
+
+def test_compile_options_are_known_to_the_installed_inductor():
+    """torch.compile rejects an option its Inductor does not know (torch 2.11 has no CPU-only realize threshold):
+    the step's options name only what this torch has, and a torch without the threshold gets the rest."""
+    import types
+
+    import torch._inductor.config as inductor_config
+
+    from scm_graph.train.step import CPU_REALIZE_OPCOUNT, step_compile_options
+
+    known = set(inductor_config.get_config_copy())
+    for device_type, release in (("cpu", None), ("cuda", (3, 6)), ("cuda", (3, 8))):
+        assert set(step_compile_options(device_type, triton_release=release)) <= known
+    assert step_compile_options("cpu")["realize_cpu_opcount_threshold"] == CPU_REALIZE_OPCOUNT
+    older = step_compile_options("cpu", types.SimpleNamespace())  # an Inductor config without the threshold
+    assert "realize_cpu_opcount_threshold" not in older
+    assert set(older) == set(step_compile_options("cpu")) - {"realize_cpu_opcount_threshold"}
+    torch.compile(lambda x: x + 1, options=older)  # accepted without the threshold
+
+
+def test_gpu_kernels_are_1d_with_a_triton_before_3_8():
+    """Triton 3.6 / 3.7 fail to compile a 2D-tiled time-embedding kernel of the DiT step for sm_90; 3.8 compiles it."""
+    from scm_graph.train.step import step_compile_options
+
+    assert step_compile_options("cuda", triton_release=(3, 6))["triton.max_tiles"] == 1
+    assert step_compile_options("cuda", triton_release=(3, 7))["triton.max_tiles"] == 1
+    assert "triton.max_tiles" not in step_compile_options("cuda", triton_release=(3, 8))
+    assert "triton.max_tiles" not in step_compile_options("cpu", triton_release=(3, 6))  # C++ kernels: no tiles
