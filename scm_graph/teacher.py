@@ -66,6 +66,7 @@ from torch import Tensor, nn
 
 from scm_graph import trigflow
 from scm_graph.errors import UserError, first_line
+from scm_graph.nets.embedding import class_one_hot
 
 
 def _per_sample(v: Tensor | float, x: Tensor) -> Tensor:
@@ -79,8 +80,7 @@ def one_hot_labels(labels: Tensor | None, num_classes: int, dtype: torch.dtype =
     """Class indices [B] (-1 = the null class of CFG) -> EDM-style one-hot [B, num_classes] (zeros for -1)."""
     if labels is None:
         return None
-    known = (labels >= 0).unsqueeze(1)
-    return (nn.functional.one_hot(labels.clamp(min=0).long(), num_classes) * known).to(dtype)
+    return class_one_hot(labels.long(), num_classes).to(dtype)
 
 
 class EDMVelocity(nn.Module):

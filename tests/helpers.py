@@ -15,6 +15,7 @@ import torch
 from torch.func import functional_call
 
 from scm_graph import ops
+from scm_graph.ops.zero_tangents import COMPILE_OPTIONS
 from scm_graph.spec import DataSpec, DiTSpec, NetSpec, Spec, UNetSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,8 +197,10 @@ def jvp_vs_central_difference(f, x: torch.Tensor, c: torch.Tensor, h: float = 1e
 
 
 def compiled_jvp_vs_eager(net: torch.nn.Module, x: torch.Tensor, c: torch.Tensor, num_attn: int) -> None:
-    """torch.compile(fullgraph) of jvp over functional_call gives eager's primal and tangent, and the fused
-    op runs when the compiled graph runs (counted on a second call, after tracing is done)."""
+    """torch.compile(fullgraph) of jvp over functional_call, with the train step's zero-tangent pass, gives eager's
+    primal and tangent, and the fused op runs when the compiled graph runs (counted on a second call, after tracing
+    is done). Without the pass torch 2.11's CPU Inductor cannot lower a convolution whose weight tangent is an
+    expanded zero."""
     g = torch.Generator().manual_seed(2)
     dx, dc = torch.randn(x.shape, generator=g), torch.randn(c.shape, generator=g)
     params = {k: v.detach() for k, v in net.named_parameters()}
@@ -207,7 +210,7 @@ def compiled_jvp_vs_eager(net: torch.nn.Module, x: torch.Tensor, c: torch.Tensor
 
     with ops.use_backend("math"):
         out_e, dout_e = step(params, x, c, dx, dc)
-        compiled = torch.compile(step, fullgraph=True)
+        compiled = torch.compile(step, fullgraph=True, options=COMPILE_OPTIONS)
         compiled(params, x, c, dx, dc)  # traces and compiles
         before = ops.calls["jvp:math"]
         out_c, dout_c = compiled(params, x, c, dx, dc)

@@ -21,7 +21,9 @@ def class_one_hot(class_labels: Tensor | None, num_classes: int) -> Tensor:
     if class_labels is None:
         raise ValueError("this network is class-conditional: pass class_labels")
     known = (class_labels >= 0).unsqueeze(1)  # a negative label is the null class (CFG): a zero one-hot
-    return F.one_hot(class_labels.clamp(min=0), num_classes) * known
+    classes = torch.arange(num_classes, device=class_labels.device)
+    # F.one_hot's value, by comparison: torch 2.11 cannot compile F.one_hot's data-dependent range check (fullgraph)
+    return (class_labels.clamp(min=0).unsqueeze(1) == classes).long() * known
 
 
 class PositionalEmbedding(nn.Module):

@@ -58,3 +58,25 @@ def test_null_label_is_a_zero_one_hot():
     torch.testing.assert_close(out[[0, 2]], plain[[0, 2]], rtol=0, atol=0)
     with_label = torch.nn.functional.silu(emb.fc1(torch.nn.functional.silu(emb.fc0(emb.noise(c) + emb.label.weight.T[[0, 2, 0, 4]]))))
     torch.testing.assert_close(out[[1, 3]], with_label[[1, 3]], rtol=1e-6, atol=1e-6)
+
+
+def test_class_one_hot_is_torch_one_hot_and_compiles_whole():
+    """class_one_hot is F.one_hot with a zero row for the null label, and compiles as one graph under torch.func.jvp
+    (there F.one_hot's data-dependent range check broke torch 2.11's compile of every class-conditional step)."""
+    from scm_graph.nets.embedding import class_one_hot
+    from scm_graph.teacher import one_hot_labels
+
+    labels = torch.tensor([3, -1, 0, 9, 9, -1, 5])
+    want = torch.nn.functional.one_hot(labels.clamp(min=0), 10) * (labels >= 0)[:, None]
+    got = class_one_hot(labels, 10)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    x = torch.randn(7, 10)
+
+    def under_jvp(labels, x):  # the one-hot inside the step's JVP
+        return jvp(lambda x: x * class_one_hot(labels, 10), (x,), (torch.ones_like(x),))
+
+    out, tangent = torch.compile(under_jvp, fullgraph=True)(labels, x)
+    torch.testing.assert_close(out, x * want, rtol=0, atol=0)
+    torch.testing.assert_close(tangent, want.float(), rtol=0, atol=0)
+    assert torch.equal(one_hot_labels(labels, 10), want.float())
+    assert one_hot_labels(None, 10) is None

@@ -513,7 +513,10 @@ def test_compile_options_are_known_to_the_installed_inductor():
     known = set(inductor_config.get_config_copy())
     for device_type, release in (("cpu", None), ("cuda", (3, 6)), ("cuda", (3, 8))):
         assert set(step_compile_options(device_type, triton_release=release)) <= known
-    assert step_compile_options("cpu")["realize_cpu_opcount_threshold"] == CPU_REALIZE_OPCOUNT
+    if hasattr(inductor_config, "realize_cpu_opcount_threshold"):  # torch 2.13 on
+        assert step_compile_options("cpu")["realize_cpu_opcount_threshold"] == CPU_REALIZE_OPCOUNT
+    else:
+        assert "realize_cpu_opcount_threshold" not in step_compile_options("cpu")
     older = step_compile_options("cpu", types.SimpleNamespace())  # an Inductor config without the threshold
     assert "realize_cpu_opcount_threshold" not in older
     assert set(older) == set(step_compile_options("cpu")) - {"realize_cpu_opcount_threshold"}
