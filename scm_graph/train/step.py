@@ -51,10 +51,10 @@ CPU_REALIZE_OPCOUNT = 24
 
 # Triton before 3.8 fails to compile some of Inductor's 2D-tiled pointwise kernels for sm_90: the compiled DiT step's
 # time-embedding kernel (cos/sin of t x frequencies beside its tangent) stops in TritonGPURemoveLayoutConversions
-# ("operand does not dominate this use", then `PassManager::run failed` in make_ttgir). Seen on an H100 with torch 2.11 /
-# Triton 3.6; the kernel fails to lower with Triton 3.6 and 3.7.1 at every block shape and lowers with 3.8.0, and its 1D
-# form lowers with 3.6 (reproduced on the CPU by lowering the kernel's source for sm_90). With an older Triton the GPU
-# step therefore uses 1D kernels only (Inductor's `triton.max_tiles` = 1).
+# ("operand does not dominate this use", then `PassManager::run failed` in make_ttgir). Seen on an H100 with torch
+# 2.11 / Triton 3.6. Lowering the kernel's source for sm_90 on the CPU: Triton 3.6 and 3.7.1 fail at 97 of 284
+# (block shape, warps) configurations, 3.8.0 at none, and its 1D form lowers with 3.6. With an older Triton the GPU
+# step therefore uses 1D kernels only (Inductor's `triton.max_tiles` = 1; docs/bench_step_h100.md).
 TRITON_2D_TILES_FROM = (3, 8)
 
 
@@ -180,7 +180,8 @@ class TrainStep:
                     return passes.prepare(plain, params, StepInputs(x0, z, t, labels, dropout_key, r, guidance, t_prev), cfg)
 
             self.prepare_fn = torch.compile(prepare_fn, fullgraph=True, dynamic=False, options=options) if compile else prepare_fn
-            self.forward_fn = torch.compile(wrapped.module, options=options) if compile else wrapped.module
+            tiles = {k: v for k, v in options.items() if k == "triton.max_tiles"}  # the GPU kernels' Triton workaround only
+            self.forward_fn = torch.compile(wrapped.module, options=tiles) if compile else wrapped.module
 
     def _micro(self, inp: StepInputs) -> ObjectiveOut:
         """The loss of one micro-batch, its gradient pass still to run backward."""

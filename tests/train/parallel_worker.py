@@ -1,14 +1,14 @@
 """Run by torchrun from tests/train/test_parallel.py (gloo, CPU, 2 processes): the wrapped train step against
 one plain process, in float64.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 -m tests.train.parallel_worker OUT.json
+    python -m torch.distributed.run --standalone --nproc_per_node 2 -m tests.train.parallel_worker OUT.json [--compiled]
 
 Every process builds the same tiny network, the same global batches (same images, noise, times, dropout key)
 and a plain single-process reference (`World()`: no wrapper, the whole batch, accum 1), then trains its copy
 under DDP and FSDP2 on its half of each batch (with accum 1 and 2) for 3 steps, for sCT, sCD and diffusion;
 and sCT with RAdam, its second batch all non-finite, with the update decided on the device (as on an accelerator).
 Rank 0 writes, per case, the largest differences of the losses and of the parameters after 3 steps and of
-the JVP pass's F^- and tangent, all against the reference.
+the JVP pass's F^- and tangent, all against the reference. `--compiled`: only the compiled sCT step under DDP.
 """
 
 from __future__ import annotations
@@ -132,10 +132,36 @@ def ddp_bucket_storages(world: parallel.World) -> int:
     return len({p.grad.untyped_storage().data_ptr() for p in model.parameters()})
 
 
+def compiled_cases(world: parallel.World) -> dict:
+    """The compiled wrapped sCT step (`train.compile`, the default: under DDP the JVP pass and the gradient pass are
+    compiled apart) against the plain eager process."""
+    results = {}
+    for pk in ("ddp",):
+        spec = case_spec("sct", 1, pk)
+        data = batches(spec, False)
+        ref_losses, ref_params = reference(spec, data)
+        losses, params = wrapped_run(dataclasses.replace(spec, train=dataclasses.replace(spec.train, compile=True)), data, world)
+        results[f"sct/{pk}/compiled"] = {
+            "loss": max(abs(a - b) for a, b in zip(losses, ref_losses)),
+            "params": max(float((params[k] - ref_params[k]).abs().max()) for k in ref_params),
+            "moved": max(float((ref_params[k] - fresh_model(spec).state_dict()[k]).abs().max()) for k in ref_params),
+            "jvp": 0.0,
+        }
+    return results
+
+
 def main() -> None:
     out_path = sys.argv[1]
-    world, _ = parallel.join("cpu", 120)
+    world, _ = parallel.join("cpu", 600 if "--compiled" in sys.argv else 120)
     torch.set_default_dtype(torch.float64)
+    if "--compiled" in sys.argv:
+        results = compiled_cases(world)
+        if world.main:
+            with open(out_path, "w") as f:
+                json.dump(results, f, indent=1)
+        torch.distributed.barrier()
+        parallel.leave()
+        return
     results = {}
     for kind in ("sct", "scd", "diffusion"):
         for pk in ("ddp", "fsdp"):

@@ -68,6 +68,17 @@ def ok(res: subprocess.CompletedProcess) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
 
 
+def test_compiled_wrapped_step_equals_one_process(tmp_path):
+    """`train.compile` (the default) under DDP: the compiled JVP pass and gradient pass, 2 processes, 3 steps."""
+    out = tmp_path / "results.json"
+    ok(run(torchrun("-m", "tests.train.parallel_worker", str(out), "--compiled"), timeout=900))
+    results = json.loads(out.read_text())
+    assert list(results) == ["sct/ddp/compiled"]
+    for case, r in results.items():
+        assert r["moved"] > 1e-4, case
+        assert r["loss"] < TOL and r["params"] < TOL, (case, r)
+
+
 def test_wrapped_steps_equal_one_process(tmp_path):
     out = tmp_path / "results.json"
     ok(run(torchrun("-m", "tests.train.parallel_worker", str(out)), timeout=600))
