@@ -297,6 +297,8 @@ def resolve_spec(spec: Spec, manifest: Manifest) -> Spec:
         raise UserError(f"spec wants {d.channels} channels but shards {d.name} hold {shape[0]}")
     if spec.net.class_conditional and not manifest.num_classes:
         raise UserError(f"net.class_conditional needs labelled shards; {d.name} has no labels")
+    if spec.net.class_conditional and d.num_classes and d.num_classes < manifest.num_classes:  # a label with no embedding row
+        raise UserError(f"spec wants {d.num_classes} classes but shards {d.name} hold {manifest.num_classes}")
     if manifest.latent is not None and d.normalize != "channel":
         raise UserError(f"shards {d.name} hold VAE latents: set data.normalize to 'channel' (per-channel mean / std)")
     if manifest.latent is None and d.vae:

@@ -16,8 +16,10 @@ from scm_graph.precision import fp32_region
 
 
 def class_one_hot(class_labels: Tensor | None, num_classes: int) -> Tensor:
-    """[B] labels -> [B, num_classes] one-hot (integer); label -1 (any negative) is the null class of
-    classifier-free guidance, a zero one-hot, as EDM2 does. ValueError when the labels are missing."""
+    """[B] integer labels -> [B, num_classes] one-hot (int64); label -1 (any negative) is the null class of
+    classifier-free guidance, a zero one-hot, as EDM2 does. ValueError when the labels are missing. A label of
+    num_classes or more also gives a zero row (no check inside the compiled step): the data checks labels against
+    the shards' classes and `resolve_spec` the spec's against the shards'."""
     if class_labels is None:
         raise ValueError("this network is class-conditional: pass class_labels")
     known = (class_labels >= 0).unsqueeze(1)  # a negative label is the null class (CFG): a zero one-hot

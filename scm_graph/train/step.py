@@ -49,7 +49,7 @@ from scm_graph.train.update import GuardedUpdate, make_optimizer
 CPU_REALIZE_OPCOUNT = 24
 
 
-# Triton before 3.8 fails to compile some of Inductor's 2D-tiled pointwise kernels for sm_90: the compiled DiT step's
+# Triton before 3.8 fails to compile one of Inductor's 2D-tiled pointwise kernels for sm_90: the compiled DiT step's
 # time-embedding kernel (cos/sin of t x frequencies beside its tangent) stops in TritonGPURemoveLayoutConversions
 # ("operand does not dominate this use", then `PassManager::run failed` in make_ttgir). Seen on an H100 with torch
 # 2.11 / Triton 3.6. Lowering the kernel's source for sm_90 on the CPU: Triton 3.6 and 3.7.1 fail at 97 of 284
@@ -70,14 +70,17 @@ def _triton_release() -> tuple[int, int] | None:
 
 def step_compile_options(device_type: str, inductor_config: object | None = None,
                          triton_release: tuple[int, int] | None = None) -> dict:
-    """The options of the train step's compiled functions on `device_type`: the zero-tangent pass; the CPU threshold above
-    where the installed PyTorch has it (torch.compile rejects an option its Inductor does not know, and torch 2.11 has no
-    CPU-only threshold: there the step compiles with Inductor's default); and 1D GPU kernels with a Triton before 3.8."""
+    """The options of the train step's compiled functions on `device_type`: the zero-tangent pass; the CPU threshold above,
+    under the name the installed Inductor has (torch.compile rejects an option its Inductor does not know: torch 2.11
+    has only the threshold for all devices, so there it is set for a CPU step alone); and 1D GPU kernels with a Triton
+    before 3.8."""
     if inductor_config is None:
         import torch._inductor.config as inductor_config
     options = dict(COMPILE_OPTIONS)
-    if hasattr(inductor_config, "realize_cpu_opcount_threshold"):
+    if hasattr(inductor_config, "realize_cpu_opcount_threshold"):  # torch 2.13 on: CPU kernels only
         options["realize_cpu_opcount_threshold"] = CPU_REALIZE_OPCOUNT
+    elif device_type == "cpu" and hasattr(inductor_config, "realize_opcount_threshold"):  # earlier: one for all devices
+        options["realize_opcount_threshold"] = CPU_REALIZE_OPCOUNT
     if device_type == "cuda":
         release = _triton_release() if triton_release is None else triton_release
         if release is not None and release < TRITON_2D_TILES_FROM:

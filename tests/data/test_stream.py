@@ -24,7 +24,7 @@ from scm_graph.data.source import Source
 from scm_graph.data.stream import Batch, batches
 from scm_graph.data.writer import write_set
 from scm_graph.errors import UserError
-from scm_graph.spec import DataSpec, Spec
+from scm_graph.spec import DataSpec, NetSpec, Spec
 
 
 def dspec(root: Path, **kw) -> DataSpec:
@@ -306,3 +306,19 @@ def test_channel_normalisation_stats(tmp_path: Path):
     mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))
     assert torch.allclose(mean, torch.zeros(3, dtype=torch.float64), atol=0.03), mean
     assert torch.allclose(std, torch.full((3,), 0.5, dtype=torch.float64), rtol=0.03), std
+
+
+def test_spec_with_fewer_classes_than_the_shards_is_one_error(tmp_path: Path):
+    """A class-conditional spec whose data.num_classes is below the shards' would leave the extra labels without an
+    embedding row (the one-hot gives them zeros): one line, before training."""
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (12, 1, 8, 8), dtype=np.uint8)
+    write_set(Source("lab", "test", (1, 8, 8), 12, ("a", "b", "c"), ((x[i], i % 3) for i in range(12))), tmp_path, progress=False)
+    m = Manifest.load(tmp_path / "lab")
+    net = NetSpec(class_conditional=True)
+    with pytest.raises(UserError, match="spec wants 2 classes but shards lab hold 3"):
+        resolve_spec(Spec(data=dspec(tmp_path, name="lab", num_classes=2), net=net), m)
+    for n in (0, 3, 5):  # from the shards, equal, or more rows than labels: fine
+        assert resolve_spec(Spec(data=dspec(tmp_path, name="lab", num_classes=n), net=net), m).data.num_classes == (n or 3)
+    assert resolve_spec(Spec(data=dspec(tmp_path, name="lab", num_classes=2)), m).data.num_classes == 2  # unconditional

@@ -502,8 +502,9 @@ def test_compiled_scd_step_matches_eager():
 
 
 def test_compile_options_are_known_to_the_installed_inductor():
-    """torch.compile rejects an option its Inductor does not know (torch 2.11 has no CPU-only realize threshold):
-    the step's options name only what this torch has, and a torch without the threshold gets the rest."""
+    """torch.compile rejects an option its Inductor does not know: the step's options name only what this torch has.
+    The CPU threshold goes by its CPU-only name from torch 2.13 on, and by the all-devices name before (torch 2.11),
+    there for a CPU step only."""
     import types
 
     import torch._inductor.config as inductor_config
@@ -513,14 +514,14 @@ def test_compile_options_are_known_to_the_installed_inductor():
     known = set(inductor_config.get_config_copy())
     for device_type, release in (("cpu", None), ("cuda", (3, 6)), ("cuda", (3, 8))):
         assert set(step_compile_options(device_type, triton_release=release)) <= known
-    if hasattr(inductor_config, "realize_cpu_opcount_threshold"):  # torch 2.13 on
-        assert step_compile_options("cpu")["realize_cpu_opcount_threshold"] == CPU_REALIZE_OPCOUNT
-    else:
-        assert "realize_cpu_opcount_threshold" not in step_compile_options("cpu")
-    older = step_compile_options("cpu", types.SimpleNamespace())  # an Inductor config without the threshold
-    assert "realize_cpu_opcount_threshold" not in older
-    assert set(older) == set(step_compile_options("cpu")) - {"realize_cpu_opcount_threshold"}
-    torch.compile(lambda x: x + 1, options=older)  # accepted without the threshold
+    newer = types.SimpleNamespace(realize_opcount_threshold=30, realize_cpu_opcount_threshold=50)  # torch 2.13
+    older = types.SimpleNamespace(realize_opcount_threshold=30)  # torch 2.11
+    assert step_compile_options("cpu", newer)["realize_cpu_opcount_threshold"] == CPU_REALIZE_OPCOUNT
+    assert "realize_opcount_threshold" not in step_compile_options("cpu", newer)
+    assert step_compile_options("cpu", older)["realize_opcount_threshold"] == CPU_REALIZE_OPCOUNT
+    assert "realize_cpu_opcount_threshold" not in step_compile_options("cpu", older)
+    on_gpu = step_compile_options("cuda", older, triton_release=(3, 8))
+    assert "realize_opcount_threshold" not in on_gpu and "realize_cpu_opcount_threshold" not in on_gpu  # GPU: defaults
 
 
 def test_gpu_kernels_are_1d_with_a_triton_before_3_8():
