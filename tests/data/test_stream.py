@@ -311,7 +311,6 @@ def test_channel_normalisation_stats(tmp_path: Path):
 def test_spec_with_fewer_classes_than_the_shards_is_one_error(tmp_path: Path):
     """A class-conditional spec whose data.num_classes is below the shards' would leave the extra labels without an
     embedding row (the one-hot gives them zeros): one line, before training."""
-
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (12, 1, 8, 8), dtype=np.uint8)
     write_set(Source("lab", "test", (1, 8, 8), 12, ("a", "b", "c"), ((x[i], i % 3) for i in range(12))), tmp_path, progress=False)
