@@ -68,6 +68,14 @@ def _triton_release() -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
+def gpu_kernel_options(device_type: str, triton_release: tuple[int, int] | None = None) -> dict:
+    """Inductor options for the GPU kernels of every compiled function of the step: 1D kernels with a Triton before 3.8."""
+    if device_type != "cuda":
+        return {}
+    release = _triton_release() if triton_release is None else triton_release
+    return {"triton.max_tiles": 1} if release is not None and release < TRITON_2D_TILES_FROM else {}
+
+
 def step_compile_options(device_type: str, inductor_config: object | None = None,
                          triton_release: tuple[int, int] | None = None) -> dict:
     """The options of the train step's compiled functions on `device_type`: the zero-tangent pass; the CPU threshold above
@@ -79,11 +87,7 @@ def step_compile_options(device_type: str, inductor_config: object | None = None
     options = dict(COMPILE_OPTIONS)
     if hasattr(inductor_config, "realize_cpu_opcount_threshold"):  # torch 2.13 on: CPU kernels only
         options["realize_cpu_opcount_threshold"] = CPU_REALIZE_OPCOUNT
-    if device_type == "cuda":
-        release = _triton_release() if triton_release is None else triton_release
-        if release is not None and release < TRITON_2D_TILES_FROM:
-            options["triton.max_tiles"] = 1
-    return options
+    return {**options, **gpu_kernel_options(device_type, triton_release)}
 
 
 @dataclass
@@ -181,8 +185,7 @@ class TrainStep:
                     return passes.prepare(plain, params, StepInputs(x0, z, t, labels, dropout_key, r, guidance, t_prev), cfg)
 
             self.prepare_fn = torch.compile(prepare_fn, fullgraph=True, dynamic=False, options=options) if compile else prepare_fn
-            tiles = {k: v for k, v in options.items() if k == "triton.max_tiles"}  # the GPU kernels' Triton workaround only
-            self.forward_fn = torch.compile(wrapped.module, options=tiles) if compile else wrapped.module
+            self.forward_fn = torch.compile(wrapped.module, options=gpu_kernel_options(device_type)) if compile else wrapped.module
 
     def _micro(self, inp: StepInputs) -> ObjectiveOut:
         """The loss of one micro-batch, its gradient pass still to run backward."""

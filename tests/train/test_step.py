@@ -524,9 +524,11 @@ def test_compile_options_are_known_to_the_installed_inductor():
 
 def test_gpu_kernels_are_1d_with_a_triton_before_3_8():
     """Triton 3.6 / 3.7 fail to compile a 2D-tiled time-embedding kernel of the DiT step for sm_90; 3.8 compiles it."""
-    from scm_graph.train.step import step_compile_options
+    from scm_graph.train.step import gpu_kernel_options, step_compile_options
 
     assert step_compile_options("cuda", triton_release=(3, 6))["triton.max_tiles"] == 1
     assert step_compile_options("cuda", triton_release=(3, 7))["triton.max_tiles"] == 1
     assert "triton.max_tiles" not in step_compile_options("cuda", triton_release=(3, 8))
     assert "triton.max_tiles" not in step_compile_options("cpu", triton_release=(3, 6))  # C++ kernels: no tiles
+    assert gpu_kernel_options("cuda", (3, 6)) == {"triton.max_tiles": 1}  # DDP/FSDP's compiled forward: this alone
+    assert gpu_kernel_options("cuda", (3, 8)) == {} and gpu_kernel_options("cpu", (3, 6)) == {}
