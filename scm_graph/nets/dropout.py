@@ -27,7 +27,7 @@ def _mix32(h: Tensor) -> Tensor:
     return h ^ (h >> 16)
 
 
-def keyed_uniform(shape: torch.Size, key: Tensor, salt: int, device: torch.device) -> Tensor:
+def keyed_uniform(shape: torch.Size, key: Tensor, salt: int | Tensor, device: torch.device) -> Tensor:
     """Counter-based uniforms in [0, 1): a pure function of (key, salt, element index); `key` is [] or
     [key, i0] (element indices offset by sample i0 of the global batch). All 64 bits of the key count
     (the high 32 hold the run seed, so two seeds never share a step's mask by construction).
@@ -39,6 +39,8 @@ def keyed_uniform(shape: torch.Size, key: Tensor, salt: int, device: torch.devic
     for s in shape:
         n *= s
     key = key.to(device=device, dtype=torch.int64)
+    if isinstance(salt, Tensor):  # KeyedDropout's buffer
+        salt = salt.to(device=device, dtype=torch.int64)
     idx = torch.arange(n, device=device, dtype=torch.int64).reshape(shape)
     if key.ndim == 1:  # [key, i0]: this batch is samples i0.. of the step's global batch
         key, first = key[0], key[1]
@@ -51,12 +53,18 @@ def keyed_uniform(shape: torch.Size, key: Tensor, salt: int, device: torch.devic
 
 
 class KeyedDropout(nn.Module):
-    """Dropout whose mask is a function of an explicit integer key (see keyed_uniform)."""
+    """Dropout whose mask is a function of an explicit integer key (see keyed_uniform).
+
+    The salt is a tensor (a buffer, not saved: the network's structure sets it), so that it reaches a compiled graph
+    as an input rather than a constant: the mask kernels of equally shaped layers then have the same source, and
+    Inductor builds each once (digits_sct's first compiled step: 38 forward kernels -> 30, 88 s -> 82 s on 2 cores,
+    docs/bench_step_cpu.md). The masks are the same as with a Python int.
+    """
 
     def __init__(self, p: float, salt: int):
         super().__init__()
         self.p = p
-        self.salt = salt
+        self.register_buffer("salt", torch.tensor(salt, dtype=torch.int64), persistent=False)
 
     def forward(self, x: Tensor, key: Tensor | None) -> Tensor:
         if not self.training or self.p == 0.0:

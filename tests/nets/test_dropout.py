@@ -51,3 +51,31 @@ def test_keyed_uniform_uses_all_64_key_bits():
         h = fmix((i ^ seed) & 0xFFFFFFFF)
         h = fmix((h + seed * 0x27D4EB2F) & 0xFFFFFFFF)
         assert base[i].item() == (torch.tensor(float(h), dtype=torch.float32) * (1.0 / 4294967296.0)).item()  # float32, as the op
+
+
+def test_keyed_dropout_salt_is_an_unsaved_buffer_with_the_int_salts_masks():
+    """The salt is a buffer (a compiled graph's input, not a constant): the masks are those of the int salt, it
+    moves with the module, and it is not in the state dict (the network's structure sets it)."""
+    d = KeyedDropout(0.3, salt=5).train()
+    assert dict(d.named_buffers())["salt"].dtype == torch.int64 and "salt" not in d.state_dict()
+    x, key = torch.ones(8, 4, 6, 6), torch.tensor([(7 << 32) + 11, 16])
+    keep = keyed_uniform(x.shape, key, 5, torch.device("cpu")) >= 0.3
+    assert torch.equal(d(x, key), x * keep.float() / 0.7)
+    assert not torch.equal(d(x, key), KeyedDropout(0.3, salt=6).train()(x, key))
+    assert torch.equal(d.double()(x.double(), key), (x.double() * keep.double() / 0.7))  # dtype casts leave it alone
+    assert d.salt.dtype == torch.int64
+
+
+def test_keyed_dropout_compiled_equals_eager_with_two_layers_of_one_shape():
+    """Two equally shaped layers (whose mask kernels a compiled graph may share) keep their own masks."""
+    a, b = KeyedDropout(0.5, salt=1).train(), KeyedDropout(0.5, salt=2).train()
+
+    def f(x: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = a(x, key)
+        return h, b(torch.nn.functional.conv2d(h, torch.ones(4, 4, 1, 1)), key)
+
+    x, key = torch.randn(2, 4, 5, 5), torch.tensor(9)
+    eager = f(x, key)
+    compiled = torch.compile(f, fullgraph=True, dynamic=False)(x, key)
+    assert all(torch.equal(e, c) for e, c in zip(eager, compiled))
+    assert not torch.equal(eager[0] != 0, eager[1] != 0)

@@ -124,7 +124,7 @@ def test_layout_and_attention_placement(attn_resolutions, want):
     assert [b.resolution for b in net.mid] == [4, 4] and net.mid[1].heads == 0
     assert all(b.heads == 0 for b in [*net.enc, *net.dec] if b.resample != "keep")  # never on resampling blocks
     assert net.conv_in.weight.shape[1] == 2  # the image and the constant-ones channel
-    salts = [b.dropout.salt for b in [*net.enc, *net.mid, *net.dec]]
+    salts = [int(b.dropout.salt) for b in [*net.enc, *net.mid, *net.dec]]
     assert len(set(salts)) == len(salts)
     seen = []
     for b in [*net.enc, *net.mid, *net.dec]:
