@@ -8,9 +8,17 @@ avoids two silent PyTorch traps (docs/design.md, "Traps"): Dynamo ignoring a cus
 and forward AD through a custom op yielding zero tangents. Outside forward AD it calls
 `F.scaled_dot_product_attention`, whose fused kernels (flash on GPU) serve the gradient pass.
 
-Backends (`SCM_ATTENTION` or `use_backend`): 'auto' runs the Triton kernels on CUDA and the math
-fallback elsewhere; 'triton' forces the kernels (on CPU only under TRITON_INTERPRET=1); 'math' forces
-the fallback. The choice is read when the op *runs*, so it applies inside compiled graphs too.
+Backends (`SCM_ATTENTION` or `use_backend`): 'auto' runs the Triton kernels on CUDA; 'triton' forces the
+kernels (on CPU only under TRITON_INTERPRET=1); 'math' forces the op's plain-PyTorch fallback. The choice
+between those two is read when the op *runs*, so it applies inside compiled graphs too.
+
+'auto' off CUDA, in training (forward AD or a gradient) and with sequences of at most one fallback chunk
+(`math_ref.CHUNK`, whose memory the fallback would use anyway), calls no op: softmax attention is written out
+in differentiable PyTorch ops (`plain_attention`, the fallback's float32 arithmetic). Forward AD, autograd and
+Inductor then see through it, and in the CPU's two-pass sCT step the JVP's primal and the gradient pass's
+forward become the same operations on the same tensors, which the compiled graph computes once, as it does for
+the layers before the first attention; through the op, everything after that layer was computed three times
+(docs/bench_step_cpu.md: the attention U-Net's compiled sCT step 1.8x the diffusion step -> about 1.5x).
 """
 
 from __future__ import annotations
@@ -149,12 +157,32 @@ def jvp_attention(q: Tensor, k: Tensor, v: Tensor, dq: Tensor, dk: Tensor, dv: T
     return o, do
 
 
+def plain_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """softmax(scale Q K^T) V in differentiable PyTorch ops, computed in float32 (float64 stays) as the fallback
+    computes it, whatever the autocast region; the output in q's dtype."""
+    with torch.autocast(q.device.type, enabled=False):
+        s = scale * (math_ref.acc(q) @ math_ref.acc(k).transpose(-1, -2))  # S = scale Q K^T
+        o = torch.softmax(s, dim=-1) @ math_ref.acc(v)  # O = softmax(S) V
+    return o.to(q.dtype)
+
+
+def _plain(q: Tensor, k: Tensor, training: bool) -> bool:
+    """'auto' off CUDA, in training, with sequences of at most one fallback chunk: attention in plain ops."""
+    small = q.shape[-2] <= math_ref.CHUNK and k.shape[-2] <= math_ref.CHUNK
+    return training and small and _state["backend"] == "auto" and not q.is_cuda
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
-    """softmax(scale Q K^T) V; under forward AD the tangent comes from the fused JVP op."""
+    """softmax(scale Q K^T) V; under forward AD the tangent comes from the fused JVP op (or, see the module's
+    notes, from forward AD through plain ops)."""
     _check(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     (qp, dq), (kp, dk), (vp, dv) = fwAD.unpack_dual(q), fwAD.unpack_dual(k), fwAD.unpack_dual(v)
-    if dq is None and dk is None and dv is None:
+    dual = dq is not None or dk is not None or dv is not None
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if _plain(q, k, dual or grad):
+        return plain_attention(q, k, v, scale)
+    if not dual:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     dq = torch.zeros_like(qp) if dq is None else dq
     dk = torch.zeros_like(kp) if dk is None else dk

@@ -202,6 +202,14 @@ def _jvp_of(model, params, x, dx):
     return jvp(lambda x: functional_call(model, params, (x,)), (x,), (dx,))
 
 
+@pytest.fixture
+def op_math():
+    """The op with its plain-PyTorch fallback: what 'auto' uses on the CPU only for sequences over one chunk."""
+    with use_backend("math"):
+        yield
+
+
+@pytest.mark.usefixtures("op_math")
 def test_eager_jvp_routes_through_fused_op_and_matches_reference():
     fused, ref, x, dx = _pair()
     params = {k: p.detach() for k, p in fused.named_parameters()}
@@ -214,6 +222,7 @@ def test_eager_jvp_routes_through_fused_op_and_matches_reference():
     assert rel(fused(x), out_ref) < 1e-12 and calls["jvp:math"] == n + 1
 
 
+@pytest.mark.usefixtures("op_math")
 def test_gradient_through_fused_primal_and_error_through_tangent():
     """JVP on grad-tracking weights: O's backward uses the saved LSE; a gradient through dO is an error, never a silent zero."""
     fused, ref, x, dx = _pair()
@@ -232,6 +241,7 @@ def test_gradient_through_fused_primal_and_error_through_tangent():
         torch.autograd.grad(tangent.sum(), list(p1.values()))
 
 
+@pytest.mark.usefixtures("op_math")
 @pytest.mark.slow
 def test_compiled_jvp_tangent_comes_from_fused_op(monkeypatch):
     """Inside torch.compile(fullgraph=True) the tangent is produced by the op at run time.
@@ -271,7 +281,7 @@ def test_compiled_jvp_tangent_comes_from_fused_op(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["math", "triton"])
+@pytest.mark.parametrize("backend", ["math", "triton", "auto"])
 def test_compiled_matches_eager_tangents_and_gradients(backend):
     """jvp tangent and the gradient of a loss through attention: compiled (fullgraph) == eager."""
     torch._dynamo.reset()
@@ -285,19 +295,21 @@ def test_compiled_matches_eager_tangents_and_gradients(backend):
         loss = (y - out - tangent.detach()).square().mean() + y.square().mean()
         return loss, tangent
 
+    counter = "jvp:math" if backend == "auto" else f"jvp:{backend}"
     with use_backend(backend):
-        n = calls[f"jvp:{backend}"]
+        n = calls[counter]
         loss_e, tan_e = step(params, x, dx)
         grads_e = torch.autograd.grad(loss_e, list(params.values()))
         loss_c, tan_c = torch.compile(step, fullgraph=True)(params, x, dx)
         grads_c = torch.autograd.grad(loss_c, list(params.values()))
-        assert calls[f"jvp:{backend}"] == n + 2
+        assert calls[counter] == n + (0 if backend == "auto" else 2)  # 'auto' on the CPU: plain ops, no op
     assert torch.allclose(loss_c, loss_e, rtol=1e-5, atol=1e-6)
     assert torch.allclose(tan_c, tan_e, rtol=1e-4, atol=1e-5)
     for a, b in zip(grads_c, grads_e):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.usefixtures("op_math")
 @pytest.mark.slow
 def test_compiled_gradient_through_fused_primal_non_contiguous_inputs():
     """JVP on grad-tracking weights inside torch.compile, q/k/v non-contiguous views: the op's real
@@ -316,3 +328,59 @@ def test_compiled_gradient_through_fused_primal_non_contiguous_inputs():
         grads.append(torch.autograd.grad(loss, list(params.values())))
     for a, b in zip(*grads):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+# -------------------------------------------------------------------------------------------------
+# 'auto' off CUDA: in training, sequences of one fallback chunk go through plain ops, not the op.
+
+
+def test_auto_on_cpu_trains_through_plain_ops_with_the_ops_values(monkeypatch):
+    """Forward AD and the gradient through plain ops give the op's O, dO and the reference gradient (float64),
+    with no op call; without a gradient (sampling) the layer stays on SDPA."""
+    from scm_graph.ops import routing
+
+    sdpa_calls = []
+    sdpa = routing.F.scaled_dot_product_attention
+    monkeypatch.setattr(routing.F, "scaled_dot_product_attention", lambda *a, **k: sdpa_calls.append(1) or sdpa(*a, **k))
+    fused, ref, x, dx = _pair()
+    p_auto = {k: p.detach().requires_grad_() for k, p in fused.named_parameters()}
+    p_ref = {k: p.detach().requires_grad_() for k, p in fused.named_parameters()}
+    n = calls.copy()
+    out, tangent = _jvp_of(fused, p_auto, x, dx)  # JVP on grad-tracking weights (the fused sCT pass)
+    grads = torch.autograd.grad(out.square().sum(), list(p_auto.values()))
+    assert calls == n and not sdpa_calls  # neither the op nor SDPA
+    with use_backend("math"):
+        out_op, tangent_op = _jvp_of(fused, {k: p.detach() for k, p in p_auto.items()}, x, dx)
+    assert rel(out, out_op) < 1e-12 and rel(tangent, tangent_op) < 1e-12
+    out_ref, tangent_ref = _jvp_of(ref, p_ref, x, dx)
+    assert rel(out, out_ref) < 1e-12 and rel(tangent, tangent_ref) < 1e-12
+    for a, b in zip(grads, torch.autograd.grad(out_ref.square().sum(), list(p_ref.values()))):
+        assert rel(a, b) < 1e-12
+    y = functional_call(fused, p_auto, (x,))  # the gradient pass: plain ops too, so it can share the JVP's primal
+    assert not sdpa_calls and rel(y, out_ref) < 1e-12
+    with torch.no_grad():
+        assert rel(fused(x), out_ref) < 1e-12 and len(sdpa_calls) == 1  # sampling: SDPA
+
+
+def test_auto_on_cpu_uses_the_op_past_one_chunk(monkeypatch):
+    """Sequences longer than the fallback's chunk go through the op (whose memory is O(chunk x N), not O(N^2))."""
+    monkeypatch.setattr(math_ref, "CHUNK", 4)  # the pair's sequences have 11 tokens
+    fused, ref, x, dx = _pair()
+    n = calls["jvp:math"]
+    out, tangent = _jvp_of(fused, {k: p.detach() for k, p in fused.named_parameters()}, x, dx)
+    assert calls["jvp:math"] == n + 1
+    out_ref, tangent_ref = _jvp_of(ref, {k: p.detach() for k, p in ref.named_parameters()}, x, dx)
+    assert rel(out, out_ref) < 1e-12 and rel(tangent, tangent_ref) < 1e-12
+
+
+def test_plain_attention_computes_in_float32_under_autocast():
+    """As the fallback: bf16 inputs in a bf16 autocast region give float32 arithmetic, rounded once at the end."""
+    from scm_graph.ops.routing import plain_attention
+
+    q, k, v, *_ = inputs(2, 2, 9, 9, 16)
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    with torch.autocast("cpu", torch.bfloat16):
+        out = plain_attention(qb, kb, vb, 0.25)
+    expected = ref_attention(qb.float(), kb.float(), vb.float(), 0.25)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.bfloat16().float(), atol=0, rtol=0)
