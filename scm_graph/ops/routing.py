@@ -160,9 +160,11 @@ def jvp_attention(q: Tensor, k: Tensor, v: Tensor, dq: Tensor, dk: Tensor, dv: T
 def plain_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """softmax(scale Q K^T) V in differentiable PyTorch ops, computed in float32 (float64 stays) as the fallback
     computes it, whatever the autocast region; the output in q's dtype."""
-    with torch.autocast(q.device.type, enabled=False):
+    region = torch.is_autocast_enabled(q.device.type)
+    with torch.autocast(q.device.type, enabled=False) if region else contextlib.nullcontext():
         s = scale * (math_ref.acc(q) @ math_ref.acc(k).transpose(-1, -2))  # S = scale Q K^T
-        o = torch.softmax(s, dim=-1) @ math_ref.acc(v)  # O = softmax(S) V
+        e = torch.exp(s - s.amax(dim=-1, keepdim=True).detach())  # softmax is shift-invariant: no tangent through the max
+        o = (e / e.sum(dim=-1, keepdim=True)) @ math_ref.acc(v)  # O = softmax(S) V
     return o.to(q.dtype)
 
 
