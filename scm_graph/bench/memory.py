@@ -49,6 +49,7 @@ from scm_graph.errors import ArgumentParser, UserError, cli_main
 from scm_graph.model import build_model
 from scm_graph.objectives import StepInputs, get_objective, get_passes
 from scm_graph.objectives.sct import ConsistencyPrep
+from scm_graph.ops import use_backend
 from scm_graph.paths import output_file
 from scm_graph.precision import AMP_DTYPES, autocast
 from scm_graph.spec import Spec, distils_guidance, validate
@@ -383,7 +384,8 @@ def measure_activations(spec: Spec, batch: int, precision: str, fake: bool = Tru
     spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, precision=precision))
     cfg = spec.objective
     objective, passes = get_objective("sct"), get_passes("sct")
-    with _tensor_kind(fake):
+    # the op and SDPA, as on a GPU: the fake tensors say "cpu", where 'auto' would train through plain ops
+    with _tensor_kind(fake), use_backend("math"):
         torch.manual_seed(0)
         model, params, inp = _prepared(spec, batch)
         full = full_params(model)  # the plain, detached weights and buffers the JVP pass runs on

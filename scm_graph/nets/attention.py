@@ -1,7 +1,8 @@
 """Multi-head self-attention block for the U-Net (DDPM++ layout, Song et al. 2021).
 
 The softmax attention itself is `scm_graph.ops.attention`, so under `torch.func.jvp` the tangent comes
-from the fused JVP op (sCM Sec. 5.1) rather than from autograd's forward mode through SDPA.
+from the fused JVP op (sCM Sec. 5.1) rather than from autograd's forward mode through SDPA (on the CPU, for
+small layers in training: forward AD through plain ops, see `scm_graph.ops.routing`).
 """
 
 from __future__ import annotations

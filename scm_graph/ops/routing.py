@@ -12,9 +12,11 @@ Backends (`SCM_ATTENTION` or `use_backend`): 'auto' runs the Triton kernels on C
 kernels (on CPU only under TRITON_INTERPRET=1); 'math' forces the op's plain-PyTorch fallback. The choice
 between those two is read when the op *runs*, so it applies inside compiled graphs too.
 
-'auto' off CUDA, in training (forward AD or a gradient) and with sequences of at most one fallback chunk
-(`math_ref.CHUNK`, whose memory the fallback would use anyway), calls no op: softmax attention is written out
-in differentiable PyTorch ops (`plain_attention`, the fallback's float32 arithmetic). Forward AD, autograd and
+'auto' off CUDA, in training (forward AD or a gradient) and with at most PLAIN_MAX_SCORES attention scores per
+layer (B x heads x Nq x Nk), calls no op: softmax attention is written out in differentiable PyTorch ops
+(`plain_attention`, the fallback's float32 arithmetic). Autograd then keeps the float32 scores (exp and P) of
+every layer for backward, O(N^2) where the op and SDPA keep O(N); the budget bounds that, and larger layers take
+the op. Forward AD, autograd and
 Inductor then see through it, and in the CPU's two-pass sCT step the JVP's primal and the gradient pass's
 forward become the same operations on the same tensors, which the compiled graph computes once, as it does for
 the layers before the first attention; through the op, everything after that layer was computed three times
@@ -36,6 +38,11 @@ from scm_graph.errors import UserError
 from scm_graph.ops import math_ref
 
 BACKENDS = ("auto", "triton", "math")
+# The most attention scores (B x heads x Nq x Nk) of one layer that 'auto' computes in plain ops off CUDA: 2^22 float32
+# scores are 16 MiB, of which autograd keeps about three copies per layer until backward. The digits networks' layers
+# hold at most 2^19 (batch 128, 64 tokens); CIFAR-10's 256-token layers at batch 128 and 4 heads hold 2^25 and take
+# the op.
+PLAIN_MAX_SCORES = 1 << 22
 _state = {"backend": os.environ.get("SCM_ATTENTION", "auto")}
 
 # Runtime call counts per (op, backend). Incremented when the op executes, so they also count calls
@@ -169,8 +176,8 @@ def plain_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
 
 
 def _plain(q: Tensor, k: Tensor, training: bool) -> bool:
-    """'auto' off CUDA, in training, with sequences of at most one fallback chunk: attention in plain ops."""
-    small = q.shape[-2] <= math_ref.CHUNK and k.shape[-2] <= math_ref.CHUNK
+    """'auto' off CUDA, in training, with at most PLAIN_MAX_SCORES scores in the layer: attention in plain ops."""
+    small = q.shape[0] * q.shape[1] * q.shape[-2] * k.shape[-2] <= PLAIN_MAX_SCORES
     return training and small and _state["backend"] == "auto" and not q.is_cuda
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from scm_graph.nets.dropout import KeyedDropout, keyed_uniform
@@ -66,6 +67,7 @@ def test_keyed_dropout_salt_is_an_unsaved_buffer_with_the_int_salts_masks():
     assert d.salt.dtype == torch.int64
 
 
+@pytest.mark.slow
 def test_keyed_dropout_compiled_equals_eager_with_two_layers_of_one_shape():
     """Two equally shaped layers (whose mask kernels a compiled graph may share) keep their own masks."""
     a, b = KeyedDropout(0.5, salt=1).train(), KeyedDropout(0.5, salt=2).train()

@@ -362,9 +362,11 @@ def test_auto_on_cpu_trains_through_plain_ops_with_the_ops_values(monkeypatch):
         assert rel(fused(x), out_ref) < 1e-12 and len(sdpa_calls) == 1  # sampling: SDPA
 
 
-def test_auto_on_cpu_uses_the_op_past_one_chunk(monkeypatch):
-    """Sequences longer than the fallback's chunk go through the op (whose memory is O(chunk x N), not O(N^2))."""
-    monkeypatch.setattr(math_ref, "CHUNK", 4)  # the pair's sequences have 11 tokens
+def test_auto_on_cpu_uses_the_op_past_the_score_budget(monkeypatch):
+    """Layers with more scores than PLAIN_MAX_SCORES go through the op (which keeps O(N) for backward, not O(N^2))."""
+    from scm_graph.ops import routing
+
+    monkeypatch.setattr(routing, "PLAIN_MAX_SCORES", 2 * 2 * 11 * 11 - 1)  # the pair: batch 2, 2 heads, 11 tokens
     fused, ref, x, dx = _pair()
     n = calls["jvp:math"]
     out, tangent = _jvp_of(fused, {k: p.detach() for k, p in fused.named_parameters()}, x, dx)
