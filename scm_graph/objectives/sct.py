@@ -138,9 +138,10 @@ def _prepare(model: nn.Module, params: dict[str, Tensor], inp: StepInputs, cfg: 
     """`consistency_prepare`, and with `fuse` (JVP tangents only) also F_theta(x_t, t) with its gradient: the JVP's
     primal output, taken on the trained weights, so the gradient pass needs no forward of its own (one JVP and one
     backward per step). F^- is its detached value: bit for bit what a second forward gives for networks without
-    attention; with attention, O comes from the fused JVP op instead of SDPA (equal to rounding; the CPU's plain attention is the same ops in both). Eagerly, the JVP
-    on grad-tracking weights also records the tangent's autograd graph until it returns (a higher peak than the
-    no-gradient JVP); compiled, AOTAutograd keeps only what the backward needs."""
+    attention; with attention, O comes from the fused JVP op instead of SDPA (equal to rounding; the CPU's plain
+    attention runs the same ops in both). Eagerly, the JVP on grad-tracking weights also records the tangent's
+    autograd graph until it returns (a higher peak than the no-gradient JVP); compiled, AOTAutograd keeps only what
+    the backward needs."""
     # Non-finite data is masked *before* both passes, so the JVP pass and the gradient pass still see
     # identical inputs (Inductor shares their forward work; masking x_t between them cost 17%).
     ok = finite_samples(inp.x0, inp.z, inp.t)

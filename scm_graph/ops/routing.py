@@ -14,13 +14,13 @@ between those two is read when the op *runs*, so it applies inside compiled grap
 
 'auto' off CUDA, in training (forward AD or a gradient) and with at most PLAIN_MAX_SCORES attention scores per
 layer (B x heads x Nq x Nk), calls no op: softmax attention is written out in differentiable PyTorch ops
-(`plain_attention`, the fallback's float32 arithmetic). Autograd then keeps the float32 scores (exp and P) of
-every layer for backward, O(N^2) where the op and SDPA keep O(N); the budget bounds that, and larger layers take
-the op. Forward AD, autograd and
-Inductor then see through it, and in the CPU's two-pass sCT step the JVP's primal and the gradient pass's
-forward become the same operations on the same tensors, which the compiled graph computes once, as it does for
-the layers before the first attention; through the op, everything after that layer was computed three times
-(docs/bench_step_cpu.md: the attention U-Net's compiled sCT step 1.8x the diffusion step -> about 1.5x).
+(`plain_attention`, the fallback's float32 arithmetic). Forward AD, autograd and Inductor then see through it, and
+in the CPU's two-pass sCT step the JVP's primal and the gradient pass's forward become the same operations on the
+same tensors, which the compiled graph computes once, as it does for the layers before the first attention;
+through the op, everything after that layer was computed three times (docs/bench_step_cpu.md: the attention
+U-Net's compiled sCT step 1.85x the diffusion step -> 1.52x). The price is memory: autograd keeps the float32
+scores (exp and P) of every layer for backward, O(N^2) where the op and SDPA keep O(N); the budget bounds that,
+and larger layers take the op.
 """
 
 from __future__ import annotations
