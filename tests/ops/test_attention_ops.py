@@ -204,7 +204,7 @@ def _jvp_of(model, params, x, dx):
 
 @pytest.fixture
 def op_math():
-    """The op with its plain-PyTorch fallback: what 'auto' uses on the CPU only for sequences over one chunk."""
+    """The op with its plain-PyTorch fallback: what 'auto' uses on the CPU only for layers over the score budget."""
     with use_backend("math"):
         yield
 
@@ -331,7 +331,7 @@ def test_compiled_gradient_through_fused_primal_non_contiguous_inputs():
 
 
 # -------------------------------------------------------------------------------------------------
-# 'auto' off CUDA: in training, sequences of one fallback chunk go through plain ops, not the op.
+# 'auto' off CUDA: in training, layers within the score budget (PLAIN_MAX_SCORES) go through plain ops, not the op.
 
 
 def test_auto_on_cpu_trains_through_plain_ops_with_the_ops_values(monkeypatch):
