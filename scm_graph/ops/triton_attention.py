@@ -164,11 +164,19 @@ def _bwd_dq_kernel(
 
 # -------------------------------------------------------------------------------------------------
 # Launch configurations: fixed small blocks in the interpreter, autotuned on the GPU.
+# (BLOCK_M, BLOCK_N, warps, pipeline stages). The first six are the fast ones at 16-bit and head dim <= 64; the shared
+# memory a config needs grows with the stages, the blocks, BLOCK_D and the element size, and Triton's autotuner drops
+# a config that does not fit. The last two are there so that one always fits: on an H100 (227 KB) no config among
+# the first six fits the fp32 forward at BLOCK_D 128 (264 to 448 KB for sm_90, measured by compiling them), while
+# (64, 32, 4, 2) needs 136 KB there; (32, 32, 4, 1) needs at most 136 KB at fp32 and 66 KB at 16-bit up to BLOCK_D
+# 256 (an A100 has 163 KB, an RTX 4090 99 KB). tests/ops/test_attention_lowering.py compiles them to check.
+_GPU_BLOCKS = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2), (64, 128, 4, 2),
+               (64, 32, 4, 2), (32, 32, 4, 1)]
 
 
 def _gpu_configs(fwd: bool) -> list[triton.Config]:
     out = []
-    for bm, bn, w, s in [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2), (64, 128, 4, 2)]:
+    for bm, bn, w, s in _GPU_BLOCKS:
         if not fwd:
             bm, bn = bn, bm  # backward: the outer block is a K/V block
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))

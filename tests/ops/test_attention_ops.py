@@ -100,11 +100,15 @@ def test_triton_kernel_with_gpu_sized_blocks(monkeypatch):
 def test_cuda_kernel_matches_float64_reference(head_dim, dtype, tol, monkeypatch):
     """On a GPU machine: TRITON_INTERPRET=0 python -m pytest tests/ops/test_attention_ops.py -k cuda.
 
-    One autotune config per kernel (BLOCK_M != BLOCK_N, the shape class that once failed to compile): autotuning
-    all six from cold cost about a minute per case on an H100. Every config's compilation is checked on the CPU
-    (test_attention_lowering.py) and the autotuned kernels run in `just bench attention`."""
+    One autotune config per kernel: autotuning all of them from cold cost about a minute per case on an H100. It is
+    the fallback (64, 32, 4 warps, 2 stages): BLOCK_M != BLOCK_N, the shape class that once failed to compile, and
+    it fits in shared memory at every case here (the first config does not at head dim 128 on an H100). Every
+    config's compilation is checked on the CPU (test_attention_lowering.py) and the autotuned kernels run in
+    `just bench attention`."""
     for tuned in (ta._fwd_tuned, ta._dkdv_tuned, ta._dq_tuned):
-        monkeypatch.setattr(tuned, "configs", tuned.configs[:1])
+        pinned = [c for c in tuned.configs if c.num_stages == 2 and {c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]} == {64, 32}]
+        assert len(pinned) == 1, tuned.configs
+        monkeypatch.setattr(tuned, "configs", pinned)
     x = inputs(2, 3, 1000, 777, head_dim)
     scale = head_dim**-0.5
     got = run_impl(ta, *(t.to("cuda", dtype) for t in x), scale)
