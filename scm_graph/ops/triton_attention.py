@@ -110,6 +110,21 @@ def _bwd_p_ds(q, k, v, g, lse2, delta, valid, qk_scale, UPCAST: tl.constexpr, IE
 
 
 @triton.jit
+def _bwd_pt_dst(q, k, v, g, lse2, delta, valid_t, qk_scale, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """P^T and dS^T for one [N, M] tile, computed transposed (K Q^T, V dO^T) rather than transposing P and dS: the
+    dK / dV products then take no register transpose of a dot's result (see the note at _bwd_dkdv_kernel)."""
+    p_t = tl.exp2(_dot(k, tl.trans(q), UPCAST, IEEE) * qk_scale - lse2[None, :])  # P^T = exp(S^T - LSE)
+    p_t = tl.where(valid_t, p_t, 0.0)
+    dp_t = _dot(v, tl.trans(g), UPCAST, IEEE)  # dP^T = V dO^T
+    return p_t, p_t * (dp_t - delta[None, :])  # dS^T = P^T (dP^T - Delta)
+
+
+# dK and dV take P^T and dS^T computed transposed, as Triton's fused-attention tutorial does. Found on an H100
+# (Triton 3.6, fp16, head dim 128, the (32, 64, 2-stage) config): with tl.trans(dS) of the tile computed as in the dQ
+# kernel, dK was off by 1.5e-2 (relative Frobenius norm; the float64 reference, with the fp16 rounding of inputs and
+# of dS, gives 5e-4), while dQ, which takes dS untransposed, and head dims 32 to 80 passed; Triton has had this
+# pattern (a dot's result transposed into another dot) miscompile on Hopper before (triton-lang/triton#6124).
+@triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, G, LSE, DELTA, DK, DV,
     scale, Nq, Nk,
@@ -129,10 +144,10 @@ def _bwd_dkdv_kernel(
         g, _, _ = _row_tile(G, bh, rows, Nq, offs_d, D)
         lse2 = tl.load(LSE + bh * Nq + rows, mask=rows < Nq, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + bh * Nq + rows, mask=rows < Nq, other=0.0)
-        valid = (rows < Nq)[:, None] & (cols < Nk)[None, :]
-        p, ds = _bwd_p_ds(q, k, v, g, lse2, delta, valid, scale * 1.4426950408889634, UPCAST, IEEE)
-        dv += _dot(tl.trans(p).to(g.dtype), g, UPCAST, IEEE)  # dV = P^T dO
-        dk += _dot(tl.trans(ds).to(q.dtype), q, UPCAST, IEEE)  # dK = scale dS^T Q (scale below)
+        valid_t = (cols < Nk)[:, None] & (rows < Nq)[None, :]
+        p_t, ds_t = _bwd_pt_dst(q, k, v, g, lse2, delta, valid_t, scale * 1.4426950408889634, UPCAST, IEEE)
+        dv += _dot(p_t.to(g.dtype), g, UPCAST, IEEE)  # dV = P^T dO
+        dk += _dot(ds_t.to(q.dtype), q, UPCAST, IEEE)  # dK = scale dS^T Q (scale below)
     tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
