@@ -132,9 +132,11 @@ def test_kernels_lower_at_every_gpu_config():
     assert "lowered" in _run_child("lower")
 
 
+@pytest.mark.slow
 def test_fallback_configs_fit_in_shared_memory():
-    """Found on an H100: the fp32 forward at head dim 80 or 128 fitted at none of the fast configs (Triton raised
-    OutOfResources, 262 to 448 KB wanted, 227 KB there); the fallbacks must fit, compiled for sm_90 on this CPU."""
+    """Found on an H100: the first config's forward at head dim 80 or 128 did not fit (Triton's OutOfResources: 256 KB
+    at fp16, 416 KB at fp32, 227 KB there), and compiled on the CPU for sm_90 the fp32 forward at BLOCK_D 128 fits
+    at none of the six fast configs (264 to 448 KB); the fallbacks must fit, compiled for sm_90 on this CPU."""
     assert "fit" in _run_child("shared")
 
 
