@@ -7,10 +7,15 @@ For each N and head dim: time and peak memory of computing O and dO for tangents
 and, forward only (O without a tangent: how close the fused kernel gets to a plain flash forward),
   fused fwd - the same Triton kernel without tangents (the math fallback on CPU),
   sdpa fwd  - torch's `scaled_dot_product_attention` (FlashAttention-2 or cuDNN on a GPU),
+and the gradient pass (dQ, dK, dV of <dO_out, O> after a forward, as the sCT step's backward runs it),
+  fused fwd+bwd - the forward kernel, then the op's backward kernels (the math fallback on CPU),
+  sdpa fwd+bwd  - autograd through torch's SDPA (FlashAttention-2's backward or cuDNN's on a GPU),
 all in one process, side by side on the same inputs. TFLOP/s counts 12 N^2 D per head for forward + JVP
-(forward 4, JVP 8: six matmuls) and 4 N^2 D for a forward. Peak memory is measured on CUDA only
-(max_memory_allocated minus the inputs). Every JVP method's dO is checked against the fused one, and
-every forward's O against the fused forward's; a disagreement is reported, not hidden.
+(forward 4, JVP 8: six matmuls), 4 N^2 D for a forward and 14 N^2 D for forward + backward (backward 10:
+S recomputed and four products). Peak memory is measured on CUDA only (max_memory_allocated minus the
+inputs). Every JVP method's dO is checked against the fused one, every forward's O against the fused
+forward's, and every gradient pass's dQ, dK and dV against the fused one's (the worst of the three); a
+disagreement is reported, not hidden.
 """
 
 from __future__ import annotations
@@ -65,17 +70,37 @@ def _forward_ad(fn, primals, tangents):
     return p, t
 
 
+def _fused_gradients(q, k, v, g):
+    """(dQ, dK, dV) stacked: the fused op's forward kernel without tangents, then its backward kernels from the
+    saved O and LSE (the math fallback on CPU)."""
+    kernels = math_ref
+    if q.is_cuda:
+        from scm_graph.ops import triton_attention as kernels
+    scale = q.shape[-1] ** -0.5
+    o, _, lse = kernels.fwd_jvp(q, k, v, None, None, None, scale)
+    return torch.stack(kernels.bwd(g, q, k, v, o, lse, scale))
+
+
+def _sdpa_gradients(q, k, v, g):
+    """(dQ, dK, dV) stacked, by autograd through torch's scaled_dot_product_attention."""
+    with torch.enable_grad():
+        q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return torch.stack(torch.autograd.grad(o, (q, k, v), g))
+
+
 @dataclass(frozen=True)
 class Method:
-    fn: object  # (q, k, v, dq, dk, dv) -> (O, dO or None)
-    jvp: bool  # forward + JVP (12 N^2 D flops) or forward only (4 N^2 D)
+    fn: object  # (q, k, v, dq, dk, dv) -> (O, dO), (O, None) or (stacked dQ, dK, dV, None)
+    flops: float  # per head, in units of N^2 D: 12 forward + JVP, 4 forward, 14 forward + backward
     baseline: str  # the row its speed-up and its error are measured against
+    gradients: bool = False  # its output stacks dQ, dK, dV: the error is the worst of the three
 
 
 def _methods() -> dict[str, Method]:
     out = {
-        "fused": Method(lambda q, k, v, dq, dk, dv: jvp_attention(q, k, v, dq, dk, dv), True, "fused"),
-        "math": Method(lambda q, k, v, dq, dk, dv: jvp(math_attention, (q, k, v), (dq, dk, dv)), True, "fused"),
+        "fused": Method(lambda q, k, v, dq, dk, dv: jvp_attention(q, k, v, dq, dk, dv), 12.0, "fused"),
+        "math": Method(lambda q, k, v, dq, dk, dv: jvp(math_attention, (q, k, v), (dq, dk, dv)), 12.0, "fused"),
     }
     try:
         from jvp_flash_attention.jvp_attention import (
@@ -84,14 +109,17 @@ def _methods() -> dict[str, Method]:
     except ImportError:
         pass
     else:
-        out["jfa"] = Method(lambda q, k, v, dq, dk, dv: _forward_ad(jfa, (q, k, v), (dq, dk, dv)), True, "fused")
-    out["fused fwd"] = Method(lambda q, k, v, *_: (_fused_forward(q, k, v), None), False, "fused fwd")
-    out["sdpa fwd"] = Method(lambda q, k, v, *_: (torch.nn.functional.scaled_dot_product_attention(q, k, v), None), False, "fused fwd")
+        out["jfa"] = Method(lambda q, k, v, dq, dk, dv: _forward_ad(jfa, (q, k, v), (dq, dk, dv)), 12.0, "fused")
+    out["fused fwd"] = Method(lambda q, k, v, *_: (_fused_forward(q, k, v), None), 4.0, "fused fwd")
+    out["sdpa fwd"] = Method(lambda q, k, v, *_: (torch.nn.functional.scaled_dot_product_attention(q, k, v), None), 4.0, "fused fwd")
+    # the cotangent dO_out of the gradient pass: the fourth input (dQ's slot; the tangents are not used here)
+    out["fused fwd+bwd"] = Method(lambda q, k, v, g, *_: (_fused_gradients(q, k, v, g), None), 14.0, "fused fwd+bwd", True)
+    out["sdpa fwd+bwd"] = Method(lambda q, k, v, g, *_: (_sdpa_gradients(q, k, v, g), None), 14.0, "fused fwd+bwd", True)
     return out
 
 
 def time_one(fn, args, dev: torch.device, reps: int, warmup: int) -> tuple[float, float, torch.Tensor]:
-    """(median ms, peak extra MiB, dO, or O for a forward) of fn(*args)."""
+    """(median ms, peak extra MiB, dO, or O for a forward, or the stacked gradients) of fn(*args)."""
     with torch.no_grad():
         for _ in range(warmup):
             fn(*args)
@@ -110,6 +138,12 @@ def time_one(fn, args, dev: torch.device, reps: int, warmup: int) -> tuple[float
     return statistics.median(times), peak, (o if do is None else do)
 
 
+def max_error(out: torch.Tensor, ref: torch.Tensor, gradients: bool) -> float:
+    """max |out - ref| / max |ref|; for stacked (dQ, dK, dV), the worst of the three, each against its own scale."""
+    parts = zip(out, ref) if gradients else [(out, ref)]
+    return max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() for a, b in parts)
+
+
 def run(ns: list[int], head_dims: list[int], bh: int, heads: int, dtype: torch.dtype, dev: torch.device, reps: int, warmup: int, max_math_n: int) -> list[AttnTiming]:
     from rich.progress import track
 
@@ -122,7 +156,7 @@ def run(ns: list[int], head_dims: list[int], bh: int, heads: int, dtype: torch.d
         args = [torch.randn(shape, generator=gen, device=dev, dtype=dtype) for _ in range(6)]
         refs: dict[str, torch.Tensor] = {}
         for name, m in methods.items():
-            flops = (12.0 if m.jvp else 4.0) * n * n * d * bh
+            flops = m.flops * n * n * d * bh
             if name == "math" and n > max_math_n:
                 rows.append(AttnTiming(name, n, d, float("nan"), float("nan"), float("nan"), float("nan"), f"skipped (N > {max_math_n})"))
                 continue
@@ -136,7 +170,7 @@ def run(ns: list[int], head_dims: list[int], bh: int, heads: int, dtype: torch.d
                 rows.append(AttnTiming(name, n, d, float("nan"), float("nan"), float("nan"), float("nan"), f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"))
                 continue
             ref = refs.setdefault(m.baseline, out.float())
-            err = ((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+            err = max_error(out.float(), ref, m.gradients)
             rows.append(AttnTiming(name, n, d, ms, flops / (ms * 1e-3) / 1e12, peak, err))
             del out
     return rows
@@ -147,10 +181,11 @@ def to_markdown(rows: list[AttnTiming], device: str, dtype: str, bh: int, heads:
         f"# Attention forward + JVP: {device}",
         "",
         (f"torch {torch.__version__}, {dtype}, batch x heads = {bh} ({heads} heads), one process, side by side. "
-        "TFLOP/s counts 12 N^2 D per head for forward + JVP and 4 N^2 D for the forward-only rows (fwd); "
-        "peak = extra memory over the inputs (CUDA only); err = max |dO - dO_fused| / max |dO_fused| "
-        "(fwd rows: the same for O against the fused forward's). Speed-up: this row's time over the fused "
-        "op's (fwd rows: over the fused forward's)."),
+        "TFLOP/s counts 12 N^2 D per head for forward + JVP, 4 N^2 D for the forward-only rows (fwd) and "
+        "14 N^2 D for forward + backward (fwd+bwd); peak = extra memory over the inputs (CUDA only); "
+        "err = max |dO - dO_fused| / max |dO_fused| (fwd rows: the same for O against the fused forward's; "
+        "fwd+bwd rows: the worst of dQ, dK and dV against the fused op's). Speed-up: this row's time over "
+        "the fused op's (fwd rows: over the fused forward's; fwd+bwd rows: over the fused gradient pass's)."),
         "",
         "| head dim | N | method | ms | TFLOP/s | peak MiB | err | speed-up of fused | note |",
         "|---:|---:|---|---:|---:|---:|---:|---:|---|",
