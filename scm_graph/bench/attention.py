@@ -52,12 +52,18 @@ def math_attention(q, k, v):
     return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1) @ v
 
 
+def _kernels(q):
+    """The fused op's kernels for q's device: the Triton module on CUDA, the math fallback elsewhere."""
+    if q.is_cuda:
+        from scm_graph.ops import triton_attention
+
+        return triton_attention
+    return math_ref
+
+
 def _fused_forward(q, k, v):
     """O from the fused op's kernel without tangents (a plain flash forward); the math fallback on CPU."""
-    kernels = math_ref
-    if q.is_cuda:
-        from scm_graph.ops import triton_attention as kernels
-    return kernels.fwd_jvp(q, k, v, None, None, None, q.shape[-1] ** -0.5)[0]
+    return _kernels(q).fwd_jvp(q, k, v, None, None, None, q.shape[-1] ** -0.5)[0]
 
 
 def _forward_ad(fn, primals, tangents):
@@ -73,9 +79,7 @@ def _forward_ad(fn, primals, tangents):
 def _fused_gradients(q, k, v, g):
     """(dQ, dK, dV) stacked: the fused op's forward kernel without tangents, then its backward kernels from the
     saved O and LSE (the math fallback on CPU)."""
-    kernels = math_ref
-    if q.is_cuda:
-        from scm_graph.ops import triton_attention as kernels
+    kernels = _kernels(q)
     scale = q.shape[-1] ** -0.5
     o, _, lse = kernels.fwd_jvp(q, k, v, None, None, None, scale)
     return torch.stack(kernels.bwd(g, q, k, v, o, lse, scale))
