@@ -22,8 +22,8 @@ SPEC = dataclasses.replace(
     objective=ObjectiveSpec(kind="scd", teacher="runs/digits_teacher/ckpt.safetensors", guidance=(1.0, 2.0),
                             sigma_d=0.5, P_mean=-1.0, P_std=1.4, tangent_c=0.1, warmup_images=30_000),
     optim=OptimSpec(kind="radam", lr=2e-4, betas=(0.9, 0.99), eps=1e-8),
-    # 2-step sampling re-noises to t_mid 0.3, not the paper's 1.1: on the digits, both students of two teacher /
-    # student training seeds scored their best held-out FD at t_mid 0.2-0.4 (picked on sampling seeds 5-9, reported
-    # on seeds 0-4; docs/scd_results.md, "Against held-out digits"). Sampling and the in-training FD read it; the loss does not.
+    # 2-step sampling re-noises to t_mid 0.3, not the paper's 1.1: on the digits, the students of two teacher /
+    # student training seeds scored their best held-out FD at t_mid 0.2-0.3 of 0.2-1.1 (docs/scd_results.md,
+    # "Against held-out digits"). Sampling and the in-training FD read it; the loss does not.
     train=dataclasses.replace(_TEACHER.train, eval_t_mid=0.3),
 )
