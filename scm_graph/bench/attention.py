@@ -30,7 +30,8 @@ from torch.func import jvp
 from scm_graph.bench.common import append_table, device_name, synchronize
 from scm_graph.device import pick_device
 from scm_graph.errors import ArgumentParser, UserError, cli_main
-from scm_graph.ops import jvp_attention, math_ref
+from scm_graph.ops import jvp_attention
+from scm_graph.ops.routing import kernels_for
 from scm_graph.paths import output_file
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -52,18 +53,9 @@ def math_attention(q, k, v):
     return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1) @ v
 
 
-def _kernels(q):
-    """The fused op's kernels for q's device: the Triton module on CUDA, the math fallback elsewhere."""
-    if q.is_cuda:
-        from scm_graph.ops import triton_attention
-
-        return triton_attention
-    return math_ref
-
-
 def _fused_forward(q, k, v):
-    """O from the fused op's kernel without tangents (a plain flash forward); the math fallback on CPU."""
-    return _kernels(q).fwd_jvp(q, k, v, None, None, None, q.shape[-1] ** -0.5)[0]
+    """O from the fused op's kernel without tangents (a plain flash forward); the kernels the op runs on q."""
+    return kernels_for(q).fwd_jvp(q, k, v, None, None, None, q.shape[-1] ** -0.5)[0]
 
 
 def _forward_ad(fn, primals, tangents):
@@ -78,8 +70,8 @@ def _forward_ad(fn, primals, tangents):
 
 def _fused_gradients(q, k, v, g):
     """(dQ, dK, dV) stacked: the fused op's forward kernel without tangents, then its backward kernels from the
-    saved O and LSE (the math fallback on CPU)."""
-    kernels = _kernels(q)
+    saved O and LSE (whichever kernels the op would run on q: `ops.routing.kernels_for`)."""
+    kernels = kernels_for(q)
     scale = q.shape[-1] ** -0.5
     o, _, lse = kernels.fwd_jvp(q, k, v, None, None, None, scale)
     return torch.stack(kernels.bwd(g, q, k, v, o, lse, scale))

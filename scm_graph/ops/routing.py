@@ -91,13 +91,17 @@ def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"attention shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
 
 
+def kernels_for(x: Tensor):
+    """The module whose `fwd_jvp` and `bwd` the ops run on tensors like `x` under the current backend: the Triton
+    module (CUDA, or the CPU interpreter) or the math fallback `math_ref`."""
+    return _kernels() if _use_triton(x) else math_ref
+
+
 def _run(op: str, fn: str, *args):
     """Call `fn` of the Triton module or of the math fallback (looked up when the op runs), count it,
     and return contiguous outputs: the layout the ops' fake kernels promise."""
-    q = args[1] if op == "bwd" else args[0]
-    backend = "triton" if _use_triton(q) else "math"
-    calls[f"{op}:{backend}"] += 1
-    impl = _kernels() if backend == "triton" else math_ref
+    impl = kernels_for(args[1] if op == "bwd" else args[0])
+    calls[f"{op}:{'math' if impl is math_ref else 'triton'}"] += 1
     return tuple(x.contiguous() for x in getattr(impl, fn)(*args))
 
 
