@@ -36,7 +36,7 @@ from scm_graph.objectives import ObjectiveOut, StepInputs, get_objective, get_pa
 from scm_graph.ops.zero_tangents import COMPILE_OPTIONS
 from scm_graph.precision import amp_dtype, autocast, make_scaler
 from scm_graph.spec import OptimSpec, Spec
-from scm_graph.train import parallel
+from scm_graph.train import inductor_warmup, parallel
 from scm_graph.train.parallel import World
 from scm_graph.train.update import GuardedUpdate, make_optimizer
 
@@ -173,6 +173,8 @@ class TrainStep:
             with autocast(device_type, precision):  # inside the compiled function, so Dynamo traces the casts
                 return objective(model, params, StepInputs(x0, z, t, labels, dropout_key, r, guidance, t_prev), cfg).as_tuple()
 
+        if compile and device_type == "cpu":
+            inductor_warmup.start_vec_isa_check()  # runs while Dynamo and AOTAutograd trace the first call (empty cache: -5 s)
         options = step_compile_options(device_type) if compile else {}
         self.loss_fn = torch.compile(loss_fn, fullgraph=True, dynamic=False, options=options) if compile else loss_fn
         if wrapped is not None:

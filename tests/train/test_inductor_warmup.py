@@ -1,0 +1,63 @@
+"""The vector-ISA check the CPU train step starts in the background (scm_graph.train.inductor_warmup)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from scm_graph.model import build_model
+from scm_graph.train import inductor_warmup
+from scm_graph.train.step import TrainStep
+from tests.helpers import tiny_spec
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """No check started yet in this process, and Inductor's check replaced by a recorder."""
+    calls: list[str] = []
+    done = threading.Event()
+
+    def fake_check() -> list:
+        calls.append(threading.current_thread().name)
+        done.set()
+        return []
+
+    from torch._inductor import cpu_vec_isa
+
+    monkeypatch.setattr(inductor_warmup, "_thread", None)
+    monkeypatch.setattr(cpu_vec_isa, "valid_vec_isa_list", fake_check)
+    return calls, done
+
+
+def test_check_runs_once_off_the_main_thread(fresh):
+    calls, done = fresh
+    first = inductor_warmup.start_vec_isa_check()
+    assert first is not None and first.daemon
+    assert done.wait(10)
+    first.join(10)
+    assert inductor_warmup.start_vec_isa_check() is first  # a second step in the process starts nothing new
+    assert calls == ["inductor-vec-isa-check"]
+
+
+def test_a_failing_check_stays_in_its_thread(fresh, monkeypatch):
+    from torch._inductor import cpu_vec_isa
+
+    def broken() -> list:
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(cpu_vec_isa, "valid_vec_isa_list", broken)
+    seen: list = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_type))
+    thread = inductor_warmup.start_vec_isa_check()
+    thread.join(10)
+    assert not thread.is_alive() and seen == []  # Inductor repeats the check at compile time and reports there
+
+
+@pytest.mark.parametrize("compile", [True, False])
+def test_cpu_step_starts_the_check_only_when_it_compiles(monkeypatch, compile: bool):
+    started: list[bool] = []
+    monkeypatch.setattr(inductor_warmup, "start_vec_isa_check", lambda: started.append(True))
+    spec = tiny_spec()
+    TrainStep(build_model(spec), spec, compile=compile)  # building compiles nothing yet
+    assert started == ([True] if compile else [])
