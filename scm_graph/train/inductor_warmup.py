@@ -1,16 +1,21 @@
 """Inductor's one-time check of the CPU's vector instructions, started in the background.
 
-Before Inductor writes its first C++ kernel it checks which vector ISA the CPU and compiler support. For each
-candidate (AVX-512, AVX2, ...) it compiles a small test program and loads it in a subprocess
-(`torch._inductor.cpu_vec_isa.valid_vec_isa_list`). The answer lands in the Inductor cache, so only an empty cache pays.
-On a 2-core box that is about 7 s of waiting on the compiler, in the middle of code generation, while the second core
-is idle. The train step starts the check in a thread when it is built. It then runs while Dynamo and AOTAutograd
-trace the step, about 15 s of single-threaded Python for `digits_sct`. Its first compiled step on an empty cache went
-from 84 s to 79 s, the mean of three runs each (docs/bench_step_cpu.md, "The vector-ISA check in the background").
+Before Inductor writes its first C++ kernel it checks which vector ISA (AVX-512, AVX2, ...) the CPU and compiler
+support. For each candidate it compiles a small test program and loads it in a child Python
+(`torch._inductor.cpu_vec_isa.valid_vec_isa_list`). The programs are kept in the Inductor cache folder; the loads run
+in every process. On a 2-core box the check takes about 6 s with an empty cache, in the middle of code generation,
+while the second core is idle.
 
-Inductor caches the answer in-process, so the check runs once. A caller that comes before the thread has finished
-makes the same check again: the compile is slower, not different. The test programs are built under a file lock, and
-the second caller then finds them built.
+The CPU train step starts the check in a thread when it is built (`start_vec_isa_check`). The check then runs while
+Dynamo and AOTAutograd trace the first call, about 17 s of single-threaded Python for `digits_sct`. Its first compiled
+step on an empty cache went from 82.2 s to 78.1 s, the mean of three runs each (docs/bench_step_cpu.md, "The
+vector-ISA check in the background").
+
+The check is not safe to run twice at once. Inductor caches its answer in-process, but a second caller that arrives
+while the first is still running makes the check again. Some of the checks change a shared ISA object's compiler flags
+and then restore them (the AVX-512 bf16 and AMX-fp16 ones). So the step's compiled functions also run
+`WaitForVecIsaCheck`, an Inductor post-grad pass. It joins the thread before Inductor lowers the graph, and so before
+Inductor's own first call of the check, which comes at code generation.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable
+
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch.fx import Graph
 
 _thread: threading.Thread | None = None
 
@@ -40,3 +48,18 @@ def start_vec_isa_check() -> threading.Thread | None:
     _thread = threading.Thread(target=_check, args=(valid_vec_isa_list,), name="inductor-vec-isa-check", daemon=True)
     _thread.start()
     return _thread
+
+
+class WaitForVecIsaCheck(CustomGraphPass):
+    """Inductor post-grad pass that changes nothing: it waits for the background check to finish (see above). Its uuid
+    is this file's hash, so the FX graph cache stays on."""
+
+    def __call__(self, graph: Graph) -> None:
+        if _thread is not None:
+            _thread.join()
+
+    def uuid(self) -> bytes:
+        return get_hash_for_files((__file__,))
+
+
+COMPILE_OPTIONS = {"post_grad_custom_post_pass": WaitForVecIsaCheck()}

@@ -78,13 +78,16 @@ def gpu_kernel_options(device_type: str, triton_release: tuple[int, int] | None 
 
 def step_compile_options(device_type: str, inductor_config: object | None = None,
                          triton_release: tuple[int, int] | None = None) -> dict:
-    """The options of the train step's compiled functions on `device_type`: the zero-tangent pass; the CPU threshold above
+    """The options of the train step's compiled functions on `device_type`: the zero-tangent pass; on the CPU, the wait for
+    the vector-ISA check the step started (`inductor_warmup`); the CPU threshold above
     where the installed Inductor has it (torch.compile rejects an option its Inductor does not know; torch 2.11 has only
     an all-devices threshold, default 30, and 24 there gave no faster first step: 108.2 s against 107.3 s, digits_sct on
     2 cores); and 1D GPU kernels with a Triton before 3.8."""
     if inductor_config is None:
         import torch._inductor.config as inductor_config
     options = dict(COMPILE_OPTIONS)
+    if device_type == "cpu":
+        options.update(inductor_warmup.COMPILE_OPTIONS)  # waits for the step's vector-ISA check before code generation
     if hasattr(inductor_config, "realize_cpu_opcount_threshold"):  # torch 2.13 on: CPU kernels only
         options["realize_cpu_opcount_threshold"] = CPU_REALIZE_OPCOUNT
     return {**options, **gpu_kernel_options(device_type, triton_release)}
@@ -174,7 +177,7 @@ class TrainStep:
                 return objective(model, params, StepInputs(x0, z, t, labels, dropout_key, r, guidance, t_prev), cfg).as_tuple()
 
         if compile and device_type == "cpu":
-            inductor_warmup.start_vec_isa_check()  # runs while Dynamo and AOTAutograd trace the first call (empty cache: -5 s)
+            inductor_warmup.start_vec_isa_check()  # runs while Dynamo and AOTAutograd trace the first call (empty cache: -4 s)
         options = step_compile_options(device_type) if compile else {}
         self.loss_fn = torch.compile(loss_fn, fullgraph=True, dynamic=False, options=options) if compile else loss_fn
         if wrapped is not None:

@@ -61,3 +61,45 @@ def test_cpu_step_starts_the_check_only_when_it_compiles(monkeypatch, compile: b
     spec = tiny_spec()
     TrainStep(build_model(spec), spec, compile=compile)  # building compiles nothing yet
     assert started == ([True] if compile else [])
+
+
+def test_the_wait_pass_joins_the_check_before_code_generation(fresh, monkeypatch):
+    """The step's CPU compile options hold the pass; Inductor runs it on a fresh compile, and it returns only after
+    the background check has finished (the check must not run twice at once)."""
+    import torch
+    from torch._inductor import cpu_vec_isa
+
+    from scm_graph.train.step import step_compile_options
+
+    release, finished = threading.Event(), threading.Event()
+
+    def blocked_check() -> list:  # finishes only once the pass has started waiting
+        release.wait(30)
+        finished.set()
+        return []
+
+    monkeypatch.setattr(cpu_vec_isa, "valid_vec_isa_list", blocked_check)
+    seen: list[tuple[bool, bool]] = []  # (finished when the pass began, finished when it returned)
+    original = inductor_warmup.WaitForVecIsaCheck.__call__
+
+    def watched(self, graph) -> None:
+        before = finished.is_set()
+        threading.Timer(0.2, release.set).start()
+        original(self, graph)
+        seen.append((before, finished.is_set()))
+
+    monkeypatch.setattr(inductor_warmup.WaitForVecIsaCheck, "__call__", watched)
+    options = step_compile_options("cpu")
+    assert isinstance(options["post_grad_custom_post_pass"], inductor_warmup.WaitForVecIsaCheck)
+    assert "post_grad_custom_post_pass" not in step_compile_options("cuda", triton_release=(3, 8))
+
+    inductor_warmup.start_vec_isa_check()
+    torch._dynamo.reset()
+    try:
+        with torch._inductor.config.patch(fx_graph_cache=False):
+            f = torch.compile(lambda x: torch.sin(x) * 2 + 1, fullgraph=True, options=options)
+            x = torch.randn(5)
+            assert torch.allclose(f(x), torch.sin(x) * 2 + 1)
+    finally:
+        release.set()
+    assert seen and seen[0] == (False, True)
