@@ -15,7 +15,10 @@ The check is not safe to run twice at once. Inductor caches its answer in-proces
 while the first is still running makes the check again. Some of the checks change a shared ISA object's compiler flags
 and then restore them (the AVX-512 bf16 and AMX-fp16 ones). So the step's compiled functions also run
 `WaitForVecIsaCheck`, an Inductor post-grad pass. It joins the thread before Inductor lowers the graph, and so before
-Inductor's own first call of the check, which comes at code generation.
+Inductor's own first call of the check, which comes at code generation. On a hit in Inductor's FX graph cache the
+passes do not run, and loading the cached kernels calls the check; by then a warm check (about 1 s of loads) has had
+Dynamo's whole trace to finish. If it has not, the flags the two calls could leave behind are ones the CPU has, since
+those checks run only on CPUs that report the feature.
 """
 
 from __future__ import annotations
@@ -24,14 +27,14 @@ import contextlib
 import threading
 from collections.abc import Callable
 
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.fx import Graph
 
 _thread: threading.Thread | None = None
 
 
 def _check(valid_vec_isa_list: Callable[[], list]) -> None:
-    with contextlib.suppress(Exception):  # Inductor repeats a failed check at compile time and reports it there
+    with contextlib.suppress(Exception):  # Inductor makes the check again at compile time, failing or not as it does there
         valid_vec_isa_list()
 
 
@@ -42,6 +45,8 @@ def start_vec_isa_check() -> threading.Thread | None:
     if _thread is not None:
         return _thread
     try:
+        import torch._inductor.codecache
+        import torch._inductor.cpp_builder  # noqa: F401  the check's imports, here so that no two threads import them at once
         from torch._inductor.cpu_vec_isa import valid_vec_isa_list
     except ImportError:
         return None
@@ -51,15 +56,15 @@ def start_vec_isa_check() -> threading.Thread | None:
 
 
 class WaitForVecIsaCheck(CustomGraphPass):
-    """Inductor post-grad pass that changes nothing: it waits for the background check to finish (see above). Its uuid
-    is this file's hash, so the FX graph cache stays on."""
+    """Inductor post-grad pass that changes no graph: it waits for the background check to finish (see above). Its uuid
+    is a constant, so the FX graph cache stays on and an edit of this file does not invalidate it."""
 
     def __call__(self, graph: Graph) -> None:
         if _thread is not None:
             _thread.join()
 
     def uuid(self) -> bytes:
-        return get_hash_for_files((__file__,))
+        return b"scm_graph.train.inductor_warmup.WaitForVecIsaCheck/1"  # a no-op on graphs: bump only if that changes
 
 
 COMPILE_OPTIONS = {"post_grad_custom_post_pass": WaitForVecIsaCheck()}

@@ -103,3 +103,12 @@ def test_the_wait_pass_joins_the_check_before_code_generation(fresh, monkeypatch
     finally:
         release.set()
     assert seen and seen[0] == (False, True)
+
+
+def test_an_inductor_without_the_check_starts_nothing(monkeypatch):
+    import sys
+
+    monkeypatch.setattr(inductor_warmup, "_thread", None)
+    monkeypatch.setitem(sys.modules, "torch._inductor.cpu_vec_isa", None)  # importing it raises ImportError
+    assert inductor_warmup.start_vec_isa_check() is None
+    inductor_warmup.WaitForVecIsaCheck()(None)  # nothing to wait for
