@@ -51,7 +51,7 @@ def test_a_failing_check_stays_in_its_thread(fresh, monkeypatch):
     monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_type))
     thread = inductor_warmup.start_vec_isa_check()
     thread.join(10)
-    assert not thread.is_alive() and seen == []  # Inductor repeats the check at compile time and reports there
+    assert not thread.is_alive() and seen == []  # Inductor makes the check again at compile time
 
 
 @pytest.mark.parametrize("compile", [True, False])
