@@ -21,7 +21,7 @@ def fresh(monkeypatch):
     def fake_check() -> list:
         calls.append(threading.current_thread().name)
         done.set()
-        return []
+        return ["an ISA"]
 
     from torch._inductor import cpu_vec_isa
 
@@ -76,7 +76,7 @@ def test_the_wait_pass_joins_the_check_before_code_generation(fresh, monkeypatch
     def blocked_check() -> list:  # finishes only once the pass has started waiting
         release.wait(30)
         finished.set()
-        return []
+        return []  # Inductor's codegen uses this answer: scalar kernels
 
     monkeypatch.setattr(cpu_vec_isa, "valid_vec_isa_list", blocked_check)
     seen: list[tuple[bool, bool]] = []  # (finished when the pass began, finished when it returned)
@@ -89,6 +89,7 @@ def test_the_wait_pass_joins_the_check_before_code_generation(fresh, monkeypatch
         seen.append((before, finished.is_set()))
 
     monkeypatch.setattr(inductor_warmup.WaitForVecIsaCheck, "__call__", watched)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")  # no scalar-kernel warning here
     options = step_compile_options("cpu")
     assert isinstance(options["post_grad_custom_post_pass"], inductor_warmup.WaitForVecIsaCheck)
     assert "post_grad_custom_post_pass" not in step_compile_options("cuda", triton_release=(3, 8))
@@ -112,3 +113,50 @@ def test_an_inductor_without_the_check_starts_nothing(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch._inductor.cpu_vec_isa", None)  # importing it raises ImportError
     assert inductor_warmup.start_vec_isa_check() is None
     inductor_warmup.WaitForVecIsaCheck()(None)  # nothing to wait for
+
+
+@pytest.mark.parametrize(("isa_list", "capability", "vec_isa_ok", "warns"), [
+    ([], "AVX2", None, True),
+    ([], "AVX512", None, True),
+    (["an ISA"], "AVX512", None, False),
+    ([], "DEFAULT", None, False),  # no vector ISA in ATen either (or ATEN_CPU_CAPABILITY=default)
+    ([], "AVX2", False, False),  # the user turned Inductor's vectors off
+])
+def test_scalar_fallback_warning(isa_list, capability, vec_isa_ok, warns):
+    message = inductor_warmup.scalar_fallback_warning(isa_list, capability, vec_isa_ok)
+    assert (message is not None) == warns
+    if warns:
+        assert capability in message and "scalar" in message and "\n" not in message
+
+
+def test_an_empty_check_warns_from_its_thread(fresh, monkeypatch):
+    import warnings
+
+    import torch
+    from torch._inductor import cpu_vec_isa
+
+    monkeypatch.setattr(cpu_vec_isa, "valid_vec_isa_list", list)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        inductor_warmup.start_vec_isa_check().join(10)
+    assert [w.category for w in caught] == [RuntimeWarning] and "scalar" in str(caught[0].message)
+
+
+@pytest.mark.slow
+def test_a_check_whose_child_python_fails_warns():
+    """End to end, with Inductor's real check: its child Python cannot start (as when a module named like a
+    standard-library one crashed it), so every ISA fails and Inductor would write scalar kernels."""
+    import platform
+    import subprocess
+    import sys
+
+    import torch
+
+    if platform.machine() not in ("x86_64", "AMD64") or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        pytest.skip("the check has vector ISAs to fail only on an x86 CPU with AVX2 or AVX-512")
+    code = ("import sys; from scm_graph.train import inductor_warmup as w; sys.executable = '/bin/false'; "
+            "w.start_vec_isa_check().join(120)")
+    run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "RuntimeWarning" in run.stderr and "will be scalar" in run.stderr
