@@ -160,3 +160,47 @@ def test_a_check_whose_child_python_fails_warns():
     run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "RuntimeWarning" in run.stderr and "will be scalar" in run.stderr
+
+
+@pytest.mark.slow
+def test_data_workers_fork_while_the_check_runs(tmp_path):
+    """The train loop's first batch forks the DataLoader's workers right after the step has started the check thread.
+    With Inductor's real check running (a fresh cache folder: it compiles its test programs, several seconds) across
+    the whole fork, the workers start and deliver the same batches as no workers do."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from scm_graph.data.digits import digits_source
+    from scm_graph.data.writer import write_set
+
+    write_set(digits_source(), tmp_path / "shards", shard_size=500, progress=False)
+    code = textwrap.dedent(f"""
+        import json
+        from itertools import islice
+        import torch
+        from scm_graph.data.stream import batches
+        from scm_graph.spec import DataSpec
+        from scm_graph.train import inductor_warmup
+
+        def take(workers):
+            spec = DataSpec(name="digits", root={str(tmp_path / "shards")!r}, workers=workers, shuffle_buffer=200)
+            return [b.x0 for b in islice(batches(spec, 0.5, 32, 0), 4)]
+
+        ref = take(0)
+        thread = inductor_warmup.start_vec_isa_check()
+        alive_before = thread.is_alive()
+        got = take(2)
+        alive_after = thread.is_alive()
+        thread.join(120)
+        same = len(got) == len(ref) and all(torch.equal(a, b) for a, b in zip(ref, got))
+        print(json.dumps({{"alive": [alive_before, alive_after], "same": same, "finished": not thread.is_alive()}}))
+    """)
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["alive"] == [True, True], "the check ended before the workers had forked: nothing was tested"
+    assert result["same"] and result["finished"]
