@@ -16,7 +16,7 @@ sample *args:
 eval *args:
     python -m scm_graph.eval {{args}}
 
-# Benchmarks: just bench step [--spec specs/digits_dit.py --precision fp32 bf16 ...] [--all --max-params 2] | just bench attention [--n 1024 4096 ...] | just bench memory --spec S --ranks 1 8 | just bench encode [--vae DIR --batch 32] | just bench data [--spec S --workers 0 1 2]
+# Benchmarks: just bench step [--spec specs/digits_dit.py --precision fp32 bf16 ...] [--all --max-params 2] | just bench attention [--n 1024 4096 ...] | just bench memory --spec S --ranks 1 8 | just bench encode [--vae DIR --batch 32] | just bench data [--spec S --workers 0 1 2] | just bench cold [--spec S --runs 3 --kind sct diffusion]
 bench what *args:
     python -m scm_graph.bench {{what}} {{args}}
 
