@@ -63,17 +63,31 @@ def _check(valid_vec_isa_list: Callable[[], list]) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=1)
 
 
+def import_for_check() -> Callable[[], list] | None:
+    """Import, on the calling thread, every module the check imports, and return the check (None where this Inductor
+    has none). The thread must import nothing: CPython 3.11's imports are not safe against a module that edits
+    `sys.meta_path` while another thread imports. The check's C++ build imports `torch.utils.cpp_extension`, hence
+    setuptools, whose distutils shim inserts and removes a finder there; a main thread importing Dynamo's modules at
+    that moment can skip the path finder and fail with ModuleNotFoundError (seen once here in some 80 process starts,
+    on `torch.fx.passes._tensorify_python_scalars`)."""
+    try:
+        import torch._inductor.codecache
+        import torch._inductor.cpp_builder
+        import torch.utils.cpp_extension  # noqa: F401
+        from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+    except ImportError:
+        return None
+    return valid_vec_isa_list
+
+
 def start_vec_isa_check() -> threading.Thread | None:
     """Start Inductor's vector-ISA check in a daemon thread, once per process. Returns the thread, or None where this
     Inductor has no such check (then the compile makes its own, if any)."""
     global _thread
     if _thread is not None:
         return _thread
-    try:
-        import torch._inductor.codecache
-        import torch._inductor.cpp_builder  # noqa: F401  the check's imports, here so that no two threads import them at once
-        from torch._inductor.cpu_vec_isa import valid_vec_isa_list
-    except ImportError:
+    valid_vec_isa_list = import_for_check()
+    if valid_vec_isa_list is None:
         return None
     _thread = threading.Thread(target=_check, args=(valid_vec_isa_list,), name="inductor-vec-isa-check", daemon=True)
     _thread.start()

@@ -204,3 +204,20 @@ def test_data_workers_fork_while_the_check_runs(tmp_path):
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["alive"] == [True, True], "the check ended before the workers had forked: nothing was tested"
     assert result["same"] and result["finished"]
+
+
+@pytest.mark.slow
+def test_the_check_imports_nothing_in_its_thread(tmp_path):
+    """After `import_for_check` on the calling thread, Inductor's real check (an empty cache folder: it builds its test
+    programs) imports no module, so the thread never imports beside the main thread's Dynamo imports."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from scm_graph.train import inductor_warmup as w; check = w.import_for_check(); "
+            "before = set(sys.modules); check(); print(json.dumps(sorted(set(sys.modules) - before)))")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == []
