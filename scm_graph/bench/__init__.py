@@ -1,3 +1,4 @@
-"""Benchmarks (`just bench step`, `just bench attention`): side-by-side timings in one process, the device
-named, markdown tables appended under docs/. `common` holds what both share.
+"""Benchmarks (`just bench step | attention | memory | encode | data | cold`): timings with the device named, side by
+side in one process (or, for `cold`, a fresh process per run), markdown tables appended under docs/. `common` holds
+what they share.
 """

@@ -14,9 +14,11 @@ pays for the header as a first run on a new machine does.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -34,9 +36,9 @@ from scm_graph.precision import AMP_DTYPES
 
 KINDS = ("sct", "scd", "ict", "diffusion")
 
-# Each phase: (the compile_times entries whose sums add up to it, the entries to subtract). Dynamo's frame compile
-# holds the backend call; the backend call holds AOTAutograd and the forward graph's Inductor compile; the backward
-# graph is compiled at the first backward call.
+# Each phase of `Phases`: (the compile_times entries whose sums add up to it, the entries to subtract). Dynamo's frame
+# compile holds the backend call; the backend call holds AOTAutograd and the forward graph's Inductor compile; the
+# backward graph is compiled at the first backward call; code generation ends before the wait for the compilers starts.
 PHASES = {
     "dynamo_s": (("_compile.compile_inner",), ("OutputGraph.call_user_compiler",)),
     "aot_s": (("OutputGraph.call_user_compiler",), ("compile_fx.<locals>.fw_compiler_base",)),
@@ -48,78 +50,125 @@ PHASES = {
 
 
 @dataclass(frozen=True)
+class Phases:
+    """Seconds of a cold start by phase; None where the installed torch does not time it under that name."""
+
+    dynamo_s: float | None = None
+    aot_s: float | None = None
+    inductor_fw_s: float | None = None
+    inductor_bw_s: float | None = None
+    codegen_s: float | None = None  # within the two Inductor phases
+    wait_s: float | None = None  # within the two Inductor phases
+
+    def rest(self, first_step_s: float) -> float | None:
+        """The first step less the four disjoint phases: its own run and what no phase times."""
+        known = (self.dynamo_s, self.aot_s, self.inductor_fw_s, self.inductor_bw_s)
+        return None if None in known else first_step_s - sum(known)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ColdArgs:
+    """What a child times: sent to it as JSON."""
+
+    spec: str
+    kind: str
+    batch: int
+    precision: str
+    threads: int  # 0: torch's own choice
+    steps: int
+    rounds: int
+    device: str
+
+
+@dataclass(frozen=True)
 class ColdRun:
-    """One child's cold start. A phase is None where the installed torch does not time it under that name."""
+    """One child's cold start."""
 
     kind: str
     first_step_s: float
     ms_per_step: float
-    phases: dict[str, float | None]
+    phases: Phases
     vec_isa: str  # Inductor's vector ISA for C++ kernels ("scalar" when it found none), or "-" off the CPU
+    device: str
 
 
-def phases_from(names: list[str], values: list[str]) -> dict[str, float | None]:
+def phases_from(names: list[str], values: list[str]) -> Phases:
     """The phases of `PHASES` from `compile_times(repr="csv", aggregate=True)`'s names and summed values."""
     times = dict(zip(names, (float(v) for v in values)))
-    out: dict[str, float | None] = {}
-    for phase, (plus, minus) in PHASES.items():
-        if not all(n in times for n in plus + minus):
-            out[phase] = None
-            continue
-        out[phase] = sum(times[n] for n in plus) - sum(times[n] for n in minus)
-    return out
+    found = {phase: sum(times[n] for n in plus) - sum(times[n] for n in minus)
+             for phase, (plus, minus) in PHASES.items() if all(n in times for n in plus + minus)}
+    return Phases(**found)
 
 
-def _child(args: dict) -> None:
+def _child(args: ColdArgs) -> None:
     """In the child: one cold start, then a JSON line on stdout."""
-    if args["threads"]:
-        torch.set_num_threads(args["threads"])
-    dev = pick_device(args["device"])
-    spec = bench_spec(args["spec"])
-    r = time_step(spec, args["kind"], True, args["batch"], args["steps"], 1, dev, args["rounds"], args["precision"])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = pick_device(args.device)
+    spec = bench_spec(args.spec)
+    r = time_step(spec, args.kind, True, args.batch, args.steps, 1, dev, args.rounds, args.precision)
     names, values = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)
     isa = "-"
     if dev.type == "cpu":
         from torch._inductor.cpu_vec_isa import pick_vec_isa
 
-        isa = str(pick_vec_isa()) or "scalar"
-    print(json.dumps({"kind": args["kind"], "first_step_s": r.warmup_s, "ms_per_step": r.ms_per_step,
-                      "phases": phases_from(names, values), "vec_isa": isa, "device": device_name(dev)}), flush=True)
+        picked = pick_vec_isa()
+        isa = str(picked) if picked else "scalar"  # Inductor's no-ISA object is falsy
+    run = ColdRun(args.kind, r.warmup_s, r.ms_per_step, phases_from(names, values), isa, device_name(dev))
+    print(json.dumps(dataclasses.asdict(run)), flush=True)
 
 
-def cold_run(args: dict, new_machine: bool, timeout_s: float) -> tuple[ColdRun, str]:
-    """One cold start in a child Python with fresh cache folders (removed afterwards); the run and the device's name."""
+def _run_child(cmd: list[str], env: dict[str, str], timeout_s: float) -> subprocess.CompletedProcess:
+    """Run `cmd` in a session of its own; past the timeout, kill the whole session (Inductor's compile workers and
+    compilers too, so none still writes into the cache folder being removed) and raise TimeoutExpired."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def cold_run(args: ColdArgs, new_machine: bool, timeout_s: float) -> ColdRun:
+    """One cold start in a child Python with fresh cache folders, removed afterwards."""
     scratch = tempfile.mkdtemp(prefix="scm_graph_cold_")
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(scratch, "inductor"),
            "TRITON_CACHE_DIR": os.path.join(scratch, "triton")}
     if new_machine:
         env["TMPDIR"] = os.path.join(scratch, "tmp")
         os.makedirs(env["TMPDIR"])
+    what = f"the {args.kind} cold start of {args.spec}"
     try:
-        res = subprocess.run([sys.executable, "-m", "scm_graph.bench.cold", json.dumps(args)], capture_output=True,
-                             text=True, env=env, timeout=timeout_s, check=False)
+        res = _run_child([sys.executable, "-m", "scm_graph.bench.cold", json.dumps(dataclasses.asdict(args))], env,
+                         timeout_s)
     except subprocess.TimeoutExpired:
-        raise UserError(f"bench cold: a {args['kind']} cold start of {args['spec']} ran past --timeout {timeout_s:g} s") from None
+        raise UserError(f"bench cold: {what} ran past --timeout {timeout_s:g} s") from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     lines = res.stdout.strip().splitlines()
     if res.returncode != 0 or not lines:
-        last = (res.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"bench cold: the {args['kind']} cold start of {args['spec']} failed: {last}")
-    out = json.loads(lines[-1])
-    return ColdRun(out["kind"], out["first_step_s"], out["ms_per_step"], out["phases"], out["vec_isa"]), out["device"]
+        last = (res.stderr.strip().splitlines() or ["no output"])[-1].removeprefix("error: ")
+        raise UserError(f"bench cold: {what} failed (exit code {res.returncode}): {last}")
+    try:
+        out = json.loads(lines[-1])
+        return ColdRun(**{**out, "phases": Phases(**out["phases"])})
+    except (ValueError, TypeError, KeyError):
+        raise UserError(f"bench cold: {what} printed no result line, but: {lines[-1][:200]}") from None
 
 
 def _s(x: float | None) -> str:
     return "–" if x is None else f"{x:.1f}"
 
 
-def cold_table(runs: list[ColdRun], spec_path: str, batch: int, precision: str, device: str, new_machine: bool) -> str:
+def cold_table(runs: list[ColdRun], spec_path: str, batch: int, precision: str, new_machine: bool) -> str:
     """The markdown report: one row per run, then each step kind's mean and range."""
     header = (" and a fresh temp folder, so Inductor built its precompiled C++ header as on a new machine" if new_machine else
               "; Inductor's precompiled C++ header, built once per machine outside the cache folder, was already there")
     lines = [
-        f"## `just bench cold` — {spec_path}, {device}, {precision}, batch {batch}",
+        f"## `just bench cold` — {spec_path}, {runs[0].device}, {precision}, batch {batch}",
         "",
         (f"torch {torch.__version__}. Each run is its own process with empty Inductor and Triton cache folders{header}. "
          "First step: the first call of the compiled train step, compilation included. The phases are "
@@ -133,11 +182,9 @@ def cold_table(runs: list[ColdRun], spec_path: str, batch: int, precision: str, 
     ]
     for i, r in enumerate(runs, 1):
         p = r.phases
-        known = [p[k] for k in ("dynamo_s", "aot_s", "inductor_fw_s", "inductor_bw_s")]
-        rest = None if None in known else r.first_step_s - sum(known)
-        lines.append(f"| {i} | {r.kind} | **{r.first_step_s:.1f}** | {_s(p['dynamo_s'])} | {_s(p['aot_s'])} "
-                     f"| {_s(p['inductor_fw_s'])} | {_s(p['inductor_bw_s'])} | {_s(p['codegen_s'])} | {_s(p['wait_s'])} "
-                     f"| {_s(rest)} | {r.ms_per_step:.1f} | {r.vec_isa} |")
+        lines.append(f"| {i} | {r.kind} | **{r.first_step_s:.1f}** | {_s(p.dynamo_s)} | {_s(p.aot_s)} "
+                     f"| {_s(p.inductor_fw_s)} | {_s(p.inductor_bw_s)} | {_s(p.codegen_s)} | {_s(p.wait_s)} "
+                     f"| {_s(p.rest(r.first_step_s))} | {r.ms_per_step:.1f} | {r.vec_isa} |")
     lines.append("")
     for kind in dict.fromkeys(r.kind for r in runs):
         firsts = [r.first_step_s for r in runs if r.kind == kind]
@@ -181,18 +228,16 @@ def main(argv: list[str] | None = None) -> None:
     precision = a.precision or spec.train.precision
     print(f"bench cold: {a.spec}, {' '.join(kinds)}, {a.runs} run(s) each, batch {batch}, {precision}", flush=True)
     runs: list[ColdRun] = []
-    device = ""
     total = a.runs * len(kinds)
     for _ in range(a.runs):
         for kind in kinds:  # alternating, so a drift of the machine's speed touches every kind alike
             print(f"  run {len(runs) + 1}/{total}: {kind} ...", flush=True)
-            args = {"spec": a.spec, "kind": kind, "batch": batch, "precision": precision, "threads": a.threads,
-                    "steps": a.steps, "rounds": a.rounds, "device": a.device}
-            run, device = cold_run(args, a.new_machine, a.timeout)
+            args = ColdArgs(a.spec, kind, batch, precision, a.threads, a.steps, a.rounds, a.device)
+            run = cold_run(args, a.new_machine, a.timeout)
             runs.append(run)
             print(f"  run {len(runs)}/{total}: {kind}: first step {run.first_step_s:.1f} s, then "
                   f"{run.ms_per_step:.1f} ms/step (vector ISA: {run.vec_isa})", flush=True)
-    table = cold_table(runs, a.spec, batch, precision, device, a.new_machine)
+    table = cold_table(runs, a.spec, batch, precision, a.new_machine)
     print(table)
     if a.out:
         append_table(a.out, table)
@@ -200,6 +245,6 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":  # the child of `cold_run` (a JSON argument), else the command line
     if len(sys.argv) == 2 and sys.argv[1].startswith("{"):
-        cli_main(_child)(json.loads(sys.argv[1]))
+        cli_main(_child)(ColdArgs(**json.loads(sys.argv[1])))
     else:
         main(sys.argv[1:])

@@ -169,13 +169,18 @@ def test_data_workers_fork_while_the_check_runs(tmp_path):
     the whole fork, the workers start and deliver the same batches as no workers do."""
     import json
     import os
+    import platform
     import subprocess
     import sys
     import textwrap
 
+    import torch
+
     from scm_graph.data.digits import digits_source
     from scm_graph.data.writer import write_set
 
+    if platform.machine() not in ("x86_64", "AMD64") or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        pytest.skip("the check builds test programs (seconds, so it spans the fork) only on an x86 CPU with AVX2 or AVX-512")
     write_set(digits_source(), tmp_path / "shards", shard_size=500, progress=False)
     code = textwrap.dedent(f"""
         import json
