@@ -119,13 +119,13 @@ def _child(args: ColdArgs) -> None:
 
 
 def _run_child(cmd: list[str], env: dict[str, str], timeout_s: float) -> subprocess.CompletedProcess:
-    """Run `cmd` in a session of its own; past the timeout, kill the whole session (Inductor's compile workers and
-    compilers too, so none still writes into the cache folder being removed) and raise TimeoutExpired."""
+    """Run `cmd` in a session of its own; past the timeout (TimeoutExpired) or on Ctrl-C, kill the whole session
+    (Inductor's compile workers and compilers too, so none still writes into the cache folder being removed)."""
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                           start_new_session=True) as proc:
         try:
             out, err = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
+        except BaseException:  # the timeout, or Ctrl-C, whose SIGINT a session of its own does not get
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
             raise

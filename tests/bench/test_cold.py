@@ -98,14 +98,28 @@ def test_a_hung_child_is_one_line_and_its_cache_folder_goes(monkeypatch, scratch
     assert not scratch[-1].exists()
 
 
-def test_a_timeout_kills_the_childs_own_children(tmp_path):
-    """Past the timeout the child's whole session goes, so no compiler it started still writes into the cache."""
+@pytest.mark.parametrize("stop", ["timeout", "ctrl-c"])
+def test_a_stopped_child_takes_its_own_children_along(tmp_path, stop):
+    """Past the timeout, or on Ctrl-C (whose SIGINT a child in a session of its own does not get), the child's whole
+    session goes, so no compiler it started still writes into the cache folder."""
     import os
+    import signal
+    import threading
     import time
 
     pid_file = tmp_path / "grandchild.pid"
-    with pytest.raises(subprocess.TimeoutExpired):
-        cold._run_child(["sh", "-c", f"sleep 60 & echo $! > {pid_file}; wait"], dict(os.environ), 1.0)
+    cmd = ["sh", "-c", f"sleep 60 & echo $! > {pid_file}; wait"]
+    t0 = time.monotonic()
+    if stop == "timeout":
+        with pytest.raises(subprocess.TimeoutExpired):
+            cold._run_child(cmd, dict(os.environ), 1.0)
+    else:
+        timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            cold._run_child(cmd, dict(os.environ), 30.0)
+        timer.join()
+    assert time.monotonic() - t0 < 20  # a surviving grandchild would hold the pipes open for its 60 s
     pid = int(pid_file.read_text())
     for _ in range(50):  # the killed grandchild is reaped by init
         try:
