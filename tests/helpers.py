@@ -233,3 +233,15 @@ def make_tiny_vae(folder: Path, latent_channels: int = 4, levels: int = 4, seed:
     )
     vae.save_pretrained(folder)
     return Path(folder)
+
+
+def table_body(out: str, header_start: str) -> list[list[str]]:
+    """The cells of the body rows of the first markdown table in `out` whose header line starts with `header_start`."""
+    lines = out.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(header_start)) + 2
+    body = []
+    for ln in lines[start:]:
+        if not ln.startswith("|"):
+            break
+        body.append([c.strip() for c in ln.strip("|").split("|")])
+    return body

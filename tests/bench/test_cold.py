@@ -10,18 +10,11 @@ from pathlib import Path
 import pytest
 
 from scm_graph.bench import cold
-from tests.helpers import SPECS, assert_user_error, one_line_error, run_cli
+from tests.helpers import SPECS, assert_user_error, one_line_error, run_cli, table_body
 
 
 def table_rows(out: str) -> list[list[str]]:
-    lines = out.splitlines()
-    start = next(i for i, ln in enumerate(lines) if ln.startswith("| run | step |")) + 2
-    rows = []
-    for ln in lines[start:]:
-        if not ln.startswith("|"):
-            break
-        rows.append([c.strip() for c in ln.strip("|").split("|")])
-    return rows
+    return table_body(out, "| run | step |")
 
 
 def test_phases_from_compile_times():

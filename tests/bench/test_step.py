@@ -9,19 +9,12 @@ import torch
 
 from scm_graph.bench.cli import main as bench_main
 from scm_graph.bench.common import device_name
-from tests.helpers import SPECS
+from tests.helpers import SPECS, table_body
 
 
 def first_table(out: str) -> list[list[str]]:
     """The cells of the first markdown table's body rows (images/s per objective and precision)."""
-    lines = out.splitlines()
-    start = next(i for i, ln in enumerate(lines) if ln.startswith("| objective |")) + 2
-    body = []
-    for ln in lines[start:]:
-        if not ln.startswith("|"):
-            break
-        body.append([c.strip() for c in ln.strip("|").split("|")])
-    return body
+    return table_body(out, "| objective |")
 
 
 def test_bench_step_table_names_precision_and_device(capsys):

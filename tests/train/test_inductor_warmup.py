@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +14,14 @@ from scm_graph.model import build_model
 from scm_graph.train import inductor_warmup
 from scm_graph.train.step import TrainStep
 from tests.helpers import tiny_spec
+
+
+def _python(code: str, cache_dir: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -c code` in a fresh interpreter (an empty Inductor cache folder if given), checked to exit 0."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir)} if cache_dir else None
+    run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run
 
 
 @pytest.fixture
@@ -107,7 +119,6 @@ def test_the_wait_pass_joins_the_check_before_code_generation(fresh, monkeypatch
 
 
 def test_an_inductor_without_the_check_starts_nothing(monkeypatch):
-    import sys
 
     monkeypatch.setattr(inductor_warmup, "_thread", None)
     monkeypatch.setitem(sys.modules, "torch._inductor.cpu_vec_isa", None)  # importing it raises ImportError
@@ -148,8 +159,6 @@ def test_a_check_whose_child_python_fails_warns():
     """End to end, with Inductor's real check: its child Python cannot start (as when a module named like a
     standard-library one crashed it), so every ISA fails and Inductor would write scalar kernels."""
     import platform
-    import subprocess
-    import sys
 
     import torch
 
@@ -157,8 +166,7 @@ def test_a_check_whose_child_python_fails_warns():
         pytest.skip("the check has vector ISAs to fail only on an x86 CPU with AVX2 or AVX-512")
     code = ("import sys; from scm_graph.train import inductor_warmup as w; sys.executable = '/bin/false'; "
             "w.start_vec_isa_check().join(120)")
-    run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
+    run = _python(code)
     assert "RuntimeWarning" in run.stderr and "will be scalar" in run.stderr
 
 
@@ -168,10 +176,7 @@ def test_data_workers_fork_while_the_check_runs(tmp_path):
     With Inductor's real check running (a fresh cache folder: it compiles its test programs, several seconds) across
     the whole fork, the workers start and deliver the same batches as no workers do."""
     import json
-    import os
     import platform
-    import subprocess
-    import sys
     import textwrap
 
     import torch
@@ -203,9 +208,7 @@ def test_data_workers_fork_while_the_check_runs(tmp_path):
         same = len(got) == len(ref) and all(torch.equal(a, b) for a, b in zip(ref, got))
         print(json.dumps({{"alive": [alive_before, alive_after], "same": same, "finished": not thread.is_alive()}}))
     """)
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
-    run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
+    run = _python(code, tmp_path / "inductor")
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["alive"] == [True, True], "the check ended before the workers had forked: nothing was tested"
     assert result["same"] and result["finished"]
@@ -216,13 +219,8 @@ def test_the_check_imports_nothing_in_its_thread(tmp_path):
     """After `import_for_check` on the calling thread, Inductor's real check (an empty cache folder: it builds its test
     programs) imports no module, so the thread never imports beside the main thread's Dynamo imports."""
     import json
-    import os
-    import subprocess
-    import sys
 
     code = ("import json, sys; from scm_graph.train import inductor_warmup as w; check = w.import_for_check(); "
             "before = set(sys.modules); check(); print(json.dumps(sorted(set(sys.modules) - before)))")
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
-    run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
+    run = _python(code, tmp_path / "inductor")
     assert json.loads(run.stdout.strip().splitlines()[-1]) == []
